@@ -1,0 +1,136 @@
+"""Attention shared by the three layer types: sliding (ratio 0), CSA (ratio 4), HCA (ratio 128).
+
+One K = V head of width head_dim (MQA). Queries see the last `window_size` tokens plus
+compressed entries: all complete ones (HCA) or the indexer's top-k (CSA). A learned per-head
+sink joins the softmax denominator only. K = V carries RoPE on its trailing channels, so the
+output is rotated back by the query's position before the grouped low-rank output projection.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import LayerCache
+from .compressor import Compressor
+from .config import ModelArgs
+from .indexer import Indexer
+from .norm import RMSNorm, rms_norm
+from .rope import apply_rope, cos_sin, inv_freq
+
+_ATTN_BUDGET = 1 << 24  # elements of one query block's [B, H, Lb, keys] score tile
+
+
+def sparse_attention(q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale):
+    """Softmax-with-sink attention of q [B, L, H, D] (first query at position `start`) over
+    window rows [B, W, D] (first at position `win_start`) and compressed entries comp [B, N, D],
+    either all causally complete ones (comp_idx None) or per-query ids [B, L, k] (-1 = none).
+    Returns [B, L, H, D] in q.dtype. Query blocks keep every intermediate bounded.
+    """
+    B, L, H, D = q.shape
+    W = window.shape[1]
+    N = 0 if comp is None else comp.shape[1]
+    n_c = N if comp_idx is None else comp_idx.shape[-1]
+    step = max(1, min(L, _ATTN_BUDGET // max(1, B * H * (W + n_c))))
+    outs = []
+    for s in range(0, L, step):
+        e = min(L, s + step)
+        qb = mx.swapaxes(q[:, s:e], 1, 2).astype(mx.float32)  # [B, H, Lb, D]
+        t = mx.arange(start + s, start + e)[:, None]  # query positions [Lb, 1]
+        # Window rows that any query of this block can see.
+        lo = max(0, start + s - window_size + 1 - win_start)
+        hi = min(W, start + e - win_start)
+        wk = window[:, lo:hi].astype(mx.float32)  # [B, Wb, D]
+        p = mx.arange(win_start + lo, win_start + hi)[None, :]
+        wmask = (p <= t) & (p > t - window_size)
+        logits = [mx.where(wmask, (qb @ mx.swapaxes(wk, -1, -2)[:, None]) * scale, -mx.inf)]
+        gathered = None
+        if N and comp_idx is None:
+            ck = comp.astype(mx.float32)
+            cmask = mx.arange(N)[None, :] < (t + 1) // ratio
+            logits.append(mx.where(cmask, (qb @ mx.swapaxes(ck, -1, -2)[:, None]) * scale, -mx.inf))
+        elif N:
+            ids = comp_idx[:, s:e]  # [B, Lb, k]
+            gathered = mx.take_along_axis(comp[:, None], mx.maximum(ids, 0)[..., None], axis=2)
+            gathered = gathered.astype(mx.float32)  # [B, Lb, k, D]: per-query rows, never [.., N, D]
+            sc = mx.swapaxes(q[:, s:e].astype(mx.float32) @ mx.swapaxes(gathered, -1, -2), 1, 2)
+            logits.append(mx.where((ids >= 0)[:, None], sc * scale, -mx.inf))  # [B, H, Lb, k]
+        z = mx.concatenate(logits, axis=-1) if len(logits) > 1 else logits[0]
+        m = mx.max(z, axis=-1, keepdims=True)  # the window always holds the query itself
+        ez = mx.exp(z - m)
+        denom = ez.sum(axis=-1, keepdims=True) + mx.exp(sink.astype(mx.float32)[None, :, None, None] - m)
+        prob = (ez / denom).astype(q.dtype).astype(mx.float32)  # the reference feeds PV in q.dtype
+        Wb = wk.shape[1]
+        o = prob[..., :Wb] @ wk[:, None]
+        if N and comp_idx is None:
+            o = o + prob[..., Wb:] @ ck[:, None]
+        elif N:
+            o = o + mx.swapaxes(mx.swapaxes(prob[..., Wb:], 1, 2) @ gathered, 1, 2)
+        outs.append(mx.swapaxes(o, 1, 2).astype(q.dtype))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.args = args
+        self.ratio = args.ratio(layer)
+        d, H, D = args.dim, args.n_heads, args.head_dim
+        self.wq_a = nn.Linear(d, args.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
+        self.wq_b = nn.Linear(args.q_lora_rank, H * D, bias=False)
+        self.wkv = nn.Linear(d, D, bias=False)
+        self.kv_norm = RMSNorm(D, args.norm_eps)
+        self.wo_a = nn.Linear(H * D // args.o_groups, args.o_groups * args.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, d, bias=False)
+        self.attn_sink = mx.zeros((H,), dtype=mx.float32)
+        if self.ratio:
+            self.compressor = Compressor(d, D, self.ratio, args.norm_eps)
+        if self.ratio == 4:
+            self.indexer = Indexer(d, args.q_lora_rank, args.index_n_heads, args.index_head_dim, 4, args.norm_eps)
+        self._freqs = inv_freq(args, self.ratio)
+
+    def grouped_out(self, o: mx.array) -> mx.array:
+        """o [B, L, H*D] -> wo_b(concat_g wo_a[g] . o_g): a block-diagonal then a dense projection."""
+        G, R = self.args.o_groups, self.args.o_lora_rank
+        B, L, _ = o.shape
+        og = o.reshape(B, L, G, 1, -1)
+        w = self.wo_a.weight.reshape(G, R, -1)  # split along outputs only: safe for packed weights too
+        a = (og @ mx.swapaxes(w, -1, -2)[None, None]).reshape(B, L, G * R)
+        return self.wo_b(a)
+
+    def __call__(self, x: mx.array, cache: LayerCache, qat) -> mx.array:
+        a = self.args
+        B, L, _ = x.shape
+        start = cache.offset
+        H, D, r = a.n_heads, a.head_dim, a.rope_head_dim
+        cos, sin = cos_sin(mx.arange(start, start + L), self._freqs)
+
+        qr = self.q_norm(self.wq_a(x))
+        q = rms_norm(self.wq_b(qr).reshape(B, L, H, D), None, a.norm_eps)  # weightless per-head norm
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        kv = qat.kv(kv, D - r)
+
+        comp, idx = None, None
+        if self.ratio:
+            fin = lambda c: qat.kv(c, D - r)  # noqa: E731
+            cache.push_compressed(self.compressor(x, start, cache.comp_state, self._freqs, x.dtype, fin))
+            comp = cache.compressed
+            if self.ratio == 4:
+                idx = self.indexer(x, qr, start, cache, self._freqs, qat.index, a.index_topk)
+                if idx is None:
+                    comp = None
+            if comp is not None and comp.shape[1] == 0:
+                comp = None
+
+        prev = cache.window
+        win = kv if prev is None else mx.concatenate([prev, kv], axis=1)
+        win_start = start - (0 if prev is None else prev.shape[1])
+        o = sparse_attention(q, win, win_start, comp, idx, self.attn_sink, start, self.ratio or 1,
+                             a.window_size, D ** -0.5)
+        cache.push_window(kv)
+        cache.offset += L
+
+        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
+        return self.grouped_out(o.reshape(B, L, H * D))

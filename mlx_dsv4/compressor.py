@@ -1,0 +1,83 @@
+"""Compressor: gated pooling of every `ratio` tokens into one KV entry (paper's C^Comp).
+
+Per token p (float32): a_p = wkv x_p, g_p = wgate x_p + ape[p mod ratio]. Entry j is a
+per-feature softmax(g)-weighted sum of a over its window. With ratio 4 windows overlap:
+entry j pools 8 slots, the previous window's tokens with the first half of the features and
+window j's tokens with the second half (before the first window: a = 0, g = -inf).
+Post-processing: RMSNorm, RoPE at position j * ratio (the window's first token), and the
+trained-format rounding (FP8 for the main KV, Hadamard + FP4 for the indexer keys).
+
+State across calls (in the cache, see CompressorState): the rows of the unfinished window and,
+for the overlap, the first half of the last complete window.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import CompressorState
+from .norm import RMSNorm
+from .rope import apply_rope, cos_sin
+
+
+class Compressor(nn.Module):
+    def __init__(self, dim: int, out_dim: int, ratio: int, norm_eps: float):
+        super().__init__()
+        self.ratio, self.out_dim = ratio, out_dim
+        self.overlap = ratio == 4
+        coff = 2 if self.overlap else 1
+        self.wkv = nn.Linear(dim, coff * out_dim, bias=False)
+        self.wgate = nn.Linear(dim, coff * out_dim, bias=False)
+        self.ape = mx.zeros((ratio, coff * out_dim), dtype=mx.float32)
+        self.norm = RMSNorm(out_dim, norm_eps)
+
+    def pool(self, x: mx.array, start: int, state: CompressorState) -> tuple[mx.array, int]:
+        """Pool the windows completed by x [B, L, dim] (first token at absolute position `start`).
+
+        Returns (entries [B, n, out_dim] float32 before post-processing, index of the first one)
+        and updates `state` in place.
+        """
+        m, D = self.ratio, self.out_dim
+        B, L, _ = x.shape
+        xf = x.astype(mx.float32)
+        # fp32 x fp32-promoted weights: the reference runs these projections in float32.
+        a = self.wkv(xf).astype(mx.float32)
+        g = self.wgate(xf).astype(mx.float32)
+        ape_idx = (mx.arange(start, start + L) % m).astype(mx.int32)
+        g = g + self.ape.astype(mx.float32)[ape_idx]
+        if state.rows_kv is not None:
+            a = mx.concatenate([state.rows_kv, a], axis=1)
+            g = mx.concatenate([state.rows_gate, g], axis=1)
+        first = (start - (0 if state.rows_kv is None else state.rows_kv.shape[1])) // m
+        n = a.shape[1] // m
+        state.rows_kv, state.rows_gate = a[:, n * m :], g[:, n * m :]
+        if state.rows_kv.shape[1] == 0:
+            state.rows_kv = state.rows_gate = None
+        if n == 0:
+            return mx.zeros((B, 0, D), dtype=mx.float32), first
+        wa = a[:, : n * m].reshape(B, n, m, -1)
+        wg = g[:, : n * m].reshape(B, n, m, -1)
+        if self.overlap:
+            if state.prev_kv is None:  # the window before entry 0 contributes nothing
+                prev_a = mx.zeros((B, 1, m, D), dtype=mx.float32)
+                prev_g = mx.full((B, 1, m, D), -mx.inf, dtype=mx.float32)
+            else:
+                prev_a, prev_g = state.prev_kv[:, None], state.prev_gate[:, None]
+            pa = mx.concatenate([prev_a, wa[:, :-1, :, :D]], axis=1)
+            pg = mx.concatenate([prev_g, wg[:, :-1, :, :D]], axis=1)
+            state.prev_kv, state.prev_gate = wa[:, -1, :, :D], wg[:, -1, :, :D]
+            wa = mx.concatenate([pa, wa[..., D:]], axis=2)
+            wg = mx.concatenate([pg, wg[..., D:]], axis=2)
+        c = (mx.softmax(wg, axis=2, precise=True) * wa).sum(axis=2)
+        return c, first
+
+    def __call__(self, x, start, state, freqs, dtype, finish) -> mx.array:
+        """Pooled, normalised, rotated and format-rounded entries [B, n, out_dim] in `dtype`."""
+        c, first = self.pool(x, start, state)
+        n = c.shape[1]
+        if n == 0:
+            return c.astype(dtype)
+        c = self.norm(c.astype(dtype))
+        cos, sin = cos_sin(mx.arange(first, first + n) * self.ratio, freqs)
+        return finish(apply_rope(c, cos, sin))

@@ -1,0 +1,73 @@
+"""Lightning Indexer (CSA layers): picks, per query, the top-k compressed entries to attend to.
+
+score(t, j) = sum_h w_h(t) * ReLU(q_h(t) . k_j), with k_j from the indexer's own ratio-4
+Compressor (width index_head_dim) and w = weights_proj(x) / sqrt(index_head_dim * index_n_heads).
+Entries not yet complete for query t (j >= (t+1) // 4) are masked *before* the top-k, so early
+queries never waste slots on invisible entries; selected slots that are still invisible
+(fewer than k visible entries) come back as -1.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .compressor import Compressor
+from .rope import apply_rope, cos_sin
+
+_SCORE_BUDGET = 1 << 24  # elements of the [Lb, H, Nb] score block kept live at once
+
+
+def index_scores(q: mx.array, k: mx.array, w: mx.array, start: int, ratio: int) -> mx.array:
+    """q [B, L, H, Dk], k [B, N, Dk], w [B, L, H] -> causal scores [B, L, N] (float32, -inf masked).
+
+    Computed in query blocks so the [B, Lb, H, N] intermediate stays bounded.
+    """
+    B, L, H, _ = q.shape
+    N = k.shape[1]
+    kT = mx.swapaxes(k.astype(mx.float32), -1, -2)[:, None]  # [B, 1, Dk, N]
+    step = max(1, min(L, _SCORE_BUDGET // max(1, B * H * N)))
+    out = []
+    for s in range(0, L, step):
+        qb = q[:, s : s + step].astype(mx.float32)  # [B, Lb, H, Dk]
+        sc = mx.maximum(qb @ kT, 0.0)  # [B, Lb, H, N]
+        sc = (w[:, s : s + step, :, None].astype(mx.float32) * sc).sum(axis=2)
+        visible = (mx.arange(start + s, start + s + qb.shape[1]) + 1) // ratio
+        out.append(mx.where(mx.arange(N)[None, :] < visible[:, None], sc, -mx.inf))
+    return out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
+
+
+def top_k_visible(scores: mx.array, k: int, start: int, ratio: int) -> mx.array:
+    """Top-k entry ids per query [B, L, k] (int32), -1 where fewer than k are visible."""
+    N = scores.shape[-1]
+    k = min(k, N)
+    idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32) if k < N else \
+        mx.broadcast_to(mx.arange(N, dtype=mx.int32), scores.shape)
+    L = scores.shape[1]
+    visible = ((mx.arange(start, start + L) + 1) // ratio)[None, :, None]
+    return mx.where(idx < visible, idx, -1)
+
+
+class Indexer(nn.Module):
+    def __init__(self, dim: int, q_lora_rank: int, n_heads: int, head_dim: int, ratio: int, norm_eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.ratio = n_heads, head_dim, ratio
+        self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.weights_proj = nn.Linear(dim, n_heads, bias=False)
+        self.compressor = Compressor(dim, head_dim, ratio, norm_eps)
+        self.weight_scale = (head_dim * n_heads) ** -0.5
+
+    def __call__(self, x, qr, start, cache, freqs, finish, topk: int) -> mx.array | None:
+        """Update the indexer keys in `cache` and return top-k ids [B, L, k] (None if no entry yet)."""
+        B, L, _ = x.shape
+        keys = self.compressor(x, start, cache.index_state, freqs, x.dtype, finish)
+        cache.push_index_keys(keys)
+        K = cache.index_keys
+        if K is None or K.shape[1] == 0:
+            return None
+        q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim)
+        cos, sin = cos_sin(mx.arange(start, start + L), freqs)
+        q = finish(apply_rope(q, cos[:, None], sin[:, None]))
+        w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
+        scores = index_scores(q, K, w, start, self.ratio)
+        return top_k_visible(scores, topk, start, self.ratio)

@@ -1,0 +1,51 @@
+"""Manifold-constrained hyper-connections (mHC): four residual streams per token.
+
+Each sub-layer reads a weighted sum of the streams (pre), writes its output back into every
+stream (post) and mixes the streams with a doubly-stochastic matrix from 20 Sinkhorn rounds
+(comb). Everything here runs in float32; the streams themselves are stored in the model dtype.
+The mixing is X'_k = post_k * y + sum_j comb[j, k] * X_j: comb is applied transposed.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def sinkhorn_split(mix: mx.array, scale: mx.array, base: mx.array, hc: int, iters: int, eps: float):
+    """mix [..., (2+hc)*hc] -> pre [..., hc], post [..., hc], comb [..., hc, hc] (float32)."""
+    pre = mx.sigmoid(mix[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * mx.sigmoid(mix[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    c = mix[..., 2 * hc :] * scale[2] + base[2 * hc :]
+    c = mx.softmax(c.reshape(*c.shape[:-1], hc, hc), axis=-1, precise=True) + eps
+    c = c / (c.sum(axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(axis=-1, keepdims=True) + eps)
+        c = c / (c.sum(axis=-2, keepdims=True) + eps)
+    return pre, post, c
+
+
+def _mixes(X: mx.array, fn: mx.array, norm_eps: float) -> mx.array:
+    # RMS of the flattened streams, applied after the projection (it has no weight).
+    flat = X.reshape(*X.shape[:-2], -1).astype(mx.float32)
+    rho = mx.rsqrt(mx.mean(flat * flat, axis=-1, keepdims=True) + norm_eps)
+    return (flat @ fn.astype(mx.float32).T) * rho
+
+
+def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float):
+    """X [B, L, hc, d] -> (branch input u [B, L, d] in X.dtype, post, comb)."""
+    hc = X.shape[-2]
+    pre, post, comb = sinkhorn_split(_mixes(X, fn, norm_eps), scale, base, hc, iters, eps)
+    u = (pre[..., None] * X.astype(mx.float32)).sum(axis=-2)
+    return u.astype(X.dtype), post, comb
+
+
+def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """X'_k = post_k * y + sum_j comb[j, k] * X_j, in float32, stored back in X.dtype."""
+    mixed = mx.swapaxes(comb, -1, -2) @ X.astype(mx.float32)
+    return (post[..., None] * y.astype(mx.float32)[..., None, :] + mixed).astype(X.dtype)
+
+
+def hc_head(X, fn, scale, base, eps: float, norm_eps: float) -> mx.array:
+    """Final collapse of the streams: sigmoid weights only (no Sinkhorn, no post)."""
+    pre = mx.sigmoid(_mixes(X, fn, norm_eps) * scale[0] + base) + eps
+    return (pre[..., None] * X.astype(mx.float32)).sum(axis=-2).astype(X.dtype)

@@ -1,0 +1,126 @@
+"""DeepSeek-V4: embedding -> 4 mHC streams -> blocks (attention, MoE) -> hc_head -> norm -> head.
+
+Parameter names equal the official checkpoint's (embed.weight, layers.3.attn.wq_a.weight, ...),
+except that routed experts are stacked per layer (layers.L.ffn.experts.w1.weight [E, inter, d]).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import Attention
+from .cache import LayerCache
+from .config import ModelArgs
+from .mhc import hc_head, hc_post, hc_pre
+from .moe import MoE
+from .norm import RMSNorm, rms_norm
+from .qat import TrainedFormats
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, hashed: bool):
+        super().__init__()
+        self.args = args
+        self.attn = Attention(args, layer)
+        self.ffn = MoE(args, hashed)
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        n = (2 + args.hc_mult) * args.hc_mult
+        for site in ("attn", "ffn"):
+            setattr(self, f"hc_{site}_fn", mx.zeros((n, args.hc_mult * args.dim), dtype=mx.float32))
+            setattr(self, f"hc_{site}_base", mx.zeros((n,), dtype=mx.float32))
+            setattr(self, f"hc_{site}_scale", mx.ones((3,), dtype=mx.float32))
+
+    def _hc(self, site: str, X: mx.array):
+        a = self.args
+        return hc_pre(X, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+                      getattr(self, f"hc_{site}_base"), a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps)
+
+    def __call__(self, X: mx.array, tokens: mx.array, cache: LayerCache, qat: TrainedFormats) -> mx.array:
+        u, post, comb = self._hc("attn", X)
+        X = hc_post(self.attn(self.attn_norm(u), cache, qat), X, post, comb)
+        u, post, comb = self._hc("ffn", X)
+        return hc_post(self.ffn(self.ffn_norm(u), tokens), X, post, comb)
+
+
+class HCHead(nn.Module):
+    """Mixin holding the final stream collapse parameters (hc_head_fn / base / scale)."""
+
+    def _init_head(self, args: ModelArgs):
+        self.hc_head_fn = mx.zeros((args.hc_mult, args.hc_mult * args.dim), dtype=mx.float32)
+        self.hc_head_base = mx.zeros((args.hc_mult,), dtype=mx.float32)
+        self.hc_head_scale = mx.ones((1,), dtype=mx.float32)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+    def collapse(self, X: mx.array) -> mx.array:
+        a = self.args
+        return self.norm(hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps, a.norm_eps))
+
+
+class MTPBlock(Block, HCHead):
+    """Multi-token prediction: combines the main model's final streams at position i with the
+    embedding of token i+1 to predict token i+2. Shares embed and head with the main model."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__(args, layer, hashed=False)
+        self.e_proj = nn.Linear(args.dim, args.dim, bias=False)
+        self.h_proj = nn.Linear(args.dim, args.dim, bias=False)
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self._init_head(args)
+
+    def __call__(self, h: mx.array, next_tokens: mx.array, embed: nn.Embedding, cache: LayerCache, qat):
+        e = self.e_proj(self.enorm(embed(next_tokens)))  # [B, L, d]
+        X = e[:, :, None, :] + self.h_proj(self.hnorm(h))  # hnorm per stream
+        X = super().__call__(X, next_tokens, cache, qat)
+        return self.collapse(X)
+
+
+class Model(HCHead):
+    def __init__(self, args: ModelArgs, simulate_qat: bool = True):
+        super().__init__()
+        self.args = args
+        self.qat = TrainedFormats(simulate_qat)
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = [Block(args, i, hashed=i < args.n_hash_layers) for i in range(args.n_layers)]
+        self.mtp = [MTPBlock(args, args.n_layers + i) for i in range(args.n_mtp_layers)]
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self._init_head(args)
+
+    def make_cache(self) -> list[LayerCache]:
+        return [LayerCache(self.args.ratio(i), self.args.window_size) for i in range(self.args.n_layers)]
+
+    def make_mtp_cache(self) -> list[LayerCache]:
+        n = self.args.n_layers
+        return [LayerCache(self.args.ratio(n + i), self.args.window_size) for i in range(len(self.mtp))]
+
+    def hidden_streams(self, tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
+        """tokens [B, L] -> final residual streams [B, L, hc, d] (before hc_head)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        if cache is None:
+            cache = self.make_cache()
+        if len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        e = self.embed(tokens)
+        X = mx.broadcast_to(e[:, :, None, :], (*e.shape[:2], self.args.hc_mult, e.shape[-1]))
+        for layer, c in zip(self.layers, cache):
+            X = layer(X, tokens, c, self.qat)
+        return X
+
+    def logits(self, h: mx.array) -> mx.array:
+        """Head in float32, as the reference computes it."""
+        return self.head(h.astype(mx.float32)).astype(mx.float32)
+
+    def __call__(self, tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
+        """tokens [B, L] -> logits [B, L, vocab] (float32) for every position."""
+        return self.logits(self.collapse(self.hidden_streams(tokens, cache)))
+
+    def mtp_logits(self, h: mx.array, next_tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
+        """Draft logits of the MTP block: h [B, L, hc, d] streams at positions i, next_tokens the
+        ids at i+1 -> logits [B, L, vocab] predicting token i+2."""
+        if not self.mtp:
+            raise ValueError("this checkpoint has no MTP layer")
+        cache = cache or self.make_mtp_cache()
+        return self.logits(self.mtp[0](h, next_tokens, self.embed, cache[0], self.qat))

@@ -1,0 +1,102 @@
+"""Mixture of experts: every layer is MoE (no dense FFN), plus one always-on shared expert.
+
+Router in float32: s = sqrt(softplus(gate . x)). The first `n_hash_layers` layers pick experts by
+a fixed token-id table (tid2eid); the others by top-k of s + bias (the bias steers selection only).
+Weights are the selected s renormalised, times route_scale. Experts are SwiGLU with the gate
+clamped from above and the up projection clamped on both sides (routed and shared alike).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
+
+from .config import ModelArgs
+
+
+def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    gate = mx.minimum(gate.astype(mx.float32), limit)
+    up = mx.clip(up.astype(mx.float32), -limit, limit)
+    return nn.silu(gate) * up
+
+
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs, hashed: bool):
+        super().__init__()
+        self.weight = mx.zeros((args.n_routed_experts, args.dim))
+        if hashed:
+            self.tid2eid = mx.zeros((args.vocab_size, args.n_activated_experts), dtype=mx.int32)
+        else:
+            self.bias = mx.zeros((args.n_routed_experts,), dtype=mx.float32)
+        self.topk, self.route_scale = args.n_activated_experts, args.route_scale
+
+    def __call__(self, x: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """x [N, d], tokens [N] -> (weights [N, k] float32, expert ids [N, k])."""
+        z = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        s = mx.sqrt(mx.logaddexp(z, 0.0))  # stable softplus
+        if "tid2eid" in self:
+            ids = self.tid2eid[tokens]
+        else:
+            biased = s + self.bias.astype(mx.float32)
+            ids = mx.argpartition(-biased, kth=self.topk - 1, axis=-1)[:, : self.topk]
+        w = mx.take_along_axis(s, ids, axis=-1)
+        return w / w.sum(axis=-1, keepdims=True) * self.route_scale, ids
+
+
+class Expert(nn.Module):
+    """The shared expert: a plain clamped-SwiGLU FFN."""
+
+    def __init__(self, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+        self.limit = limit
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype))
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts stacked: w1/w3 [E, inter, d], w2 [E, d, inter] (dense or quantized)."""
+
+    def __init__(self, dim: int, inter: int, n_experts: int, limit: float):
+        super().__init__()
+        self.w1 = SwitchLinear(dim, inter, n_experts, bias=False)
+        self.w2 = SwitchLinear(inter, dim, n_experts, bias=False)
+        self.w3 = SwitchLinear(dim, inter, n_experts, bias=False)
+        self.limit = limit
+
+    def __call__(self, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
+        """x [N, d], ids/weights [N, k] -> sum_e w_e * expert_e(x) [N, d] in float32."""
+        xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, d]
+        do_sort = ids.size >= 64  # group rows by expert so each expert's weights are read once
+        idx, inv, wts = ids, None, weights
+        if do_sort:
+            xe, idx, inv = _gather_sort(xe, ids)
+            wts = weights.flatten()[mx.argsort(ids.flatten())][:, None, None]
+        else:
+            wts = weights[..., None, None]
+        h = clamped_swiglu(self.w1(xe, idx, sorted_indices=do_sort), self.w3(xe, idx, sorted_indices=do_sort),
+                           self.limit)
+        h = (h * wts).astype(x.dtype)  # the reference scales before w2
+        y = self.w2(h, idx, sorted_indices=do_sort).astype(mx.float32)
+        if do_sort:
+            y = _scatter_unsort(y, inv, ids.shape)
+        return y.squeeze(-2).sum(axis=-2)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, hashed: bool):
+        super().__init__()
+        self.gate = Gate(args, hashed)
+        self.experts = RoutedExperts(args.dim, args.moe_inter_dim, args.n_routed_experts, args.swiglu_limit)
+        self.shared_experts = Expert(args.dim, args.moe_inter_dim, args.swiglu_limit)
+
+    def __call__(self, x: mx.array, tokens: mx.array) -> mx.array:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        w, ids = self.gate(flat, tokens.reshape(-1))
+        y = self.experts(flat, ids, w) + self.shared_experts(flat).astype(mx.float32)
+        return y.astype(x.dtype).reshape(shape)  # back to the model dtype: fp32 must not leak

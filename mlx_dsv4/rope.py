@@ -1,0 +1,56 @@
+"""Interleaved RoPE on the trailing `rope_head_dim` channels, with V4's per-layer tables.
+
+Sliding-only layers (ratio 0) use plain `rope_theta`; compressed layers (ratio 4 / 128) use
+`compress_rope_theta` with YaRN. There is no YaRN mscale: cos/sin have magnitude 1.
+One table per layer serves q, the window KV, the compressed entries, the indexer and the
+inverse rotation of the attention output (K = V carries position, so the output is rotated back).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelArgs
+
+
+def inv_freq(args: ModelArgs, ratio: int) -> mx.array:
+    """Per-pair angular frequency theta'_i (float32, rope_head_dim // 2 entries)."""
+    dim = args.rope_head_dim
+    base = args.rope_theta if ratio == 0 else args.compress_rope_theta
+    theta = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if ratio != 0 and args.original_seq_len > 0 and args.rope_factor != 1.0:
+        def corr(n_rot: float) -> float:
+            return dim * math.log(args.original_seq_len / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+        lo = max(math.floor(corr(args.beta_fast)), 0)
+        hi = min(math.ceil(corr(args.beta_slow)), dim - 1)
+        if hi == lo:
+            hi += 0.001  # avoid a zero-width ramp
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
+        theta = theta * (1 - ramp) + theta / args.rope_factor * ramp
+    return mx.array(theta.astype(np.float32))
+
+
+def cos_sin(positions: mx.array, freqs: mx.array) -> tuple[mx.array, mx.array]:
+    """Angles p * theta for positions [...] -> cos, sin of shape [..., rope_dim // 2] (float32)."""
+    ang = positions.astype(mx.float32)[..., None] * freqs
+    return mx.cos(ang), mx.sin(ang)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array, inverse: bool = False) -> mx.array:
+    """Rotate adjacent pairs (2i, 2i+1) of the last 2*cos.shape[-1] channels of x.
+
+    cos/sin must broadcast against x[..., :rope_dim // 2] (e.g. [L, 1, r/2] for x [B, L, H, D]).
+    Computed in float32 and cast back to x.dtype.
+    """
+    r = 2 * cos.shape[-1]
+    nope, rope = x[..., :-r], x[..., -r:]
+    pairs = rope.astype(mx.float32).reshape(*rope.shape[:-1], r // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    if inverse:
+        sin = -sin
+    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(rope.shape)
+    return mx.concatenate([nope, out.astype(x.dtype)], axis=-1)
