@@ -59,16 +59,9 @@ class Compressor(nn.Module):
         wa = a[:, : n * m].reshape(B, n, m, -1)
         wg = g[:, : n * m].reshape(B, n, m, -1)
         if self.overlap:
-            if state.prev_kv is None:  # the window before entry 0 contributes nothing
-                prev_a = mx.zeros((B, 1, m, D), dtype=mx.float32)
-                prev_g = mx.full((B, 1, m, D), -mx.inf, dtype=mx.float32)
-            else:
-                prev_a, prev_g = state.prev_kv[:, None], state.prev_gate[:, None]
-            pa = mx.concatenate([prev_a, wa[:, :-1, :, :D]], axis=1)
-            pg = mx.concatenate([prev_g, wg[:, :-1, :, :D]], axis=1)
+            prev = (state.prev_kv, state.prev_gate)
             state.prev_kv, state.prev_gate = wa[:, -1, :, :D], wg[:, -1, :, :D]
-            wa = mx.concatenate([pa, wa[..., D:]], axis=2)
-            wg = mx.concatenate([pg, wg[..., D:]], axis=2)
+            wa, wg = overlap_slots(wa, wg, *prev, D)
         c = (mx.softmax(wg, axis=2, precise=True) * wa).sum(axis=2)
         return c, first
 
@@ -81,3 +74,18 @@ class Compressor(nn.Module):
         c = self.norm(c.astype(dtype))
         cos, sin = cos_sin(mx.arange(first, first + n) * self.ratio, freqs)
         return finish(apply_rope(c, cos, sin))
+
+
+def overlap_slots(wa, wg, prev_a, prev_g, D: int):
+    """[B, n, m, 2D] windows -> [B, n, 2m, D] slots: window j-1's first half, then window j's second.
+
+    prev_a / prev_g [B, m, D] are the first halves of the window before this call's first one
+    (None before entry 0: a = 0, g = -inf, i.e. softmax weight 0).
+    """
+    B, _, m, _ = wa.shape
+    if prev_a is None:
+        prev_a = mx.zeros((B, m, D), dtype=wa.dtype)
+        prev_g = mx.full((B, m, D), -mx.inf, dtype=wg.dtype)
+    pa = mx.concatenate([prev_a[:, None], wa[:, :-1, :, :D]], axis=1)
+    pg = mx.concatenate([prev_g[:, None], wg[:, :-1, :, :D]], axis=1)
+    return mx.concatenate([pa, wa[..., D:]], axis=2), mx.concatenate([pg, wg[..., D:]], axis=2)
