@@ -18,7 +18,7 @@ from .indexer import Indexer
 from .norm import RMSNorm, rms_norm
 from .rope import apply_rope, cos_sin, inv_freq
 
-_ATTN_BUDGET = 1 << 24  # elements of one query block's [B, H, Lb, keys] score tile
+_ATTN_BUDGET = 1 << 22  # elements of one query block's [B, H, Lb, keys] score tile
 
 
 def sparse_attention(q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale):

@@ -15,37 +15,39 @@ import mlx.nn as nn
 from .compressor import Compressor
 from .rope import apply_rope, cos_sin
 
-_SCORE_BUDGET = 1 << 24  # elements of the [Lb, H, Nb] score block kept live at once
+_SCORE_BUDGET = 1 << 20  # elements of the [Lb, H, Nb] score block kept live at once
 
 
 def index_scores(q: mx.array, k: mx.array, w: mx.array, start: int, ratio: int) -> mx.array:
-    """q [B, L, H, Dk], k [B, N, Dk], w [B, L, H] -> causal scores [B, L, N] (float32, -inf masked).
-
-    Computed in query blocks so the [B, Lb, H, N] intermediate stays bounded.
-    """
-    B, L, H, _ = q.shape
-    N = k.shape[1]
+    """q [B, L, H, Dk], k [B, N, Dk], w [B, L, H] -> causal scores [B, L, N] (float32, -inf masked)."""
     kT = mx.swapaxes(k.astype(mx.float32), -1, -2)[:, None]  # [B, 1, Dk, N]
-    step = max(1, min(L, _SCORE_BUDGET // max(1, B * H * N)))
-    out = []
-    for s in range(0, L, step):
-        qb = q[:, s : s + step].astype(mx.float32)  # [B, Lb, H, Dk]
-        sc = mx.maximum(qb @ kT, 0.0)  # [B, Lb, H, N]
-        sc = (w[:, s : s + step, :, None].astype(mx.float32) * sc).sum(axis=2)
-        visible = (mx.arange(start + s, start + s + qb.shape[1]) + 1) // ratio
-        out.append(mx.where(mx.arange(N)[None, :] < visible[:, None], sc, -mx.inf))
-    return out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
+    sc = mx.maximum(q.astype(mx.float32) @ kT, 0.0)  # [B, L, H, N]
+    sc = (w[..., None].astype(mx.float32) * sc).sum(axis=2)
+    visible = (mx.arange(start, start + q.shape[1]) + 1) // ratio
+    return mx.where(mx.arange(k.shape[1])[None, :] < visible[:, None], sc, -mx.inf)
 
 
 def top_k_visible(scores: mx.array, k: int, start: int, ratio: int) -> mx.array:
     """Top-k entry ids per query [B, L, k] (int32), -1 where fewer than k are visible."""
     N = scores.shape[-1]
     k = min(k, N)
-    idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32) if k < N else \
-        mx.broadcast_to(mx.arange(N, dtype=mx.int32), scores.shape)
-    L = scores.shape[1]
-    visible = ((mx.arange(start, start + L) + 1) // ratio)[None, :, None]
+    if k < N:
+        idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+    else:
+        idx = mx.broadcast_to(mx.arange(N, dtype=mx.int32), scores.shape)
+    visible = ((mx.arange(start, start + scores.shape[1]) + 1) // ratio)[None, :, None]
     return mx.where(idx < visible, idx, -1)
+
+
+def select(q: mx.array, k: mx.array, w: mx.array, start: int, ratio: int, topk: int) -> mx.array:
+    """Score and select per query block, so neither [L, H, N] nor [L, N] is ever materialised whole."""
+    B, L, H, _ = q.shape
+    step = max(1, min(L, _SCORE_BUDGET // max(1, B * H * k.shape[1])))
+    ids = []
+    for s in range(0, L, step):
+        sc = index_scores(q[:, s : s + step], k, w[:, s : s + step], start + s, ratio)
+        ids.append(top_k_visible(sc, topk, start + s, ratio))
+    return ids[0] if len(ids) == 1 else mx.concatenate(ids, axis=1)
 
 
 class Indexer(nn.Module):
@@ -69,5 +71,4 @@ class Indexer(nn.Module):
         cos, sin = cos_sin(mx.arange(start, start + L), freqs)
         q = finish(apply_rope(q, cos[:, None], sin[:, None]))
         w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
-        scores = index_scores(q, K, w, start, self.ratio)
-        return top_k_visible(scores, topk, start, self.ratio)
+        return select(q, K, w, start, self.ratio, topk)

@@ -113,9 +113,24 @@ class Model(HCHead):
         """Head in float32, as the reference computes it."""
         return self.head(h.astype(mx.float32)).astype(mx.float32)
 
-    def __call__(self, tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
-        """tokens [B, L] -> logits [B, L, vocab] (float32) for every position."""
-        return self.logits(self.collapse(self.hidden_streams(tokens, cache)))
+    def __call__(self, tokens: mx.array, cache: list[LayerCache] | None = None, last_only: bool = False,
+                 chunk: int = 2048) -> mx.array:
+        """tokens [B, L] -> logits [B, L, vocab] (float32) for every position, or [B, 1, vocab]
+        for the last one only. Inputs longer than `chunk` run chunk by chunk through the cache
+        (numerically the same), so activation memory stays bounded whatever L is."""
+        if cache is None:
+            cache = self.make_cache()
+        L = tokens.shape[-1]
+        out = []
+        for s in range(0, L, chunk):
+            X = self.hidden_streams(tokens[:, s : s + chunk], cache)
+            if last_only and s + chunk < L:
+                mx.eval(X, [c.state for c in cache])  # materialise this chunk before the next
+                continue
+            out.append(self.logits(self.collapse(X[:, -1:] if last_only else X)))
+            if s + chunk < L:
+                mx.eval(out[-1], [c.state for c in cache])
+        return out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
 
     def mtp_logits(self, h: mx.array, next_tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
         """Draft logits of the MTP block: h [B, L, hc, d] streams at positions i, next_tokens the

@@ -58,6 +58,16 @@ class Expert(nn.Module):
         return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype))
 
 
+def _expert_mm(layer: nn.Module, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+    """One stacked projection for the selected experts (dense or quantized, via mlx-lm's layers)."""
+    if "scales" not in layer and layer.weight.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        # MLX's CPU gather_mm is float32-only; dense low-precision experts only occur on CPU in tests
+        w = layer.weight.astype(mx.float32)
+        return mx.gather_mm(x.astype(mx.float32), mx.swapaxes(w, -1, -2), rhs_indices=idx,
+                            sorted_indices=sorted_indices).astype(x.dtype)
+    return layer(x, idx, sorted_indices=sorted_indices)
+
+
 class RoutedExperts(nn.Module):
     """All routed experts stacked: w1/w3 [E, inter, d], w2 [E, d, inter] (dense or quantized)."""
 
@@ -78,10 +88,9 @@ class RoutedExperts(nn.Module):
             wts = weights.flatten()[mx.argsort(ids.flatten())][:, None, None]
         else:
             wts = weights[..., None, None]
-        h = clamped_swiglu(self.w1(xe, idx, sorted_indices=do_sort), self.w3(xe, idx, sorted_indices=do_sort),
-                           self.limit)
+        h = clamped_swiglu(_expert_mm(self.w1, xe, idx, do_sort), _expert_mm(self.w3, xe, idx, do_sort), self.limit)
         h = (h * wts).astype(x.dtype)  # the reference scales before w2
-        y = self.w2(h, idx, sorted_indices=do_sort).astype(mx.float32)
+        y = _expert_mm(self.w2, h, idx, do_sort).astype(mx.float32)
         if do_sort:
             y = _scatter_unsort(y, inv, ids.shape)
         return y.squeeze(-2).sum(axis=-2)
