@@ -23,13 +23,14 @@ _ATTN_BUDGET = 1 << 22  # elements of one query block's [B, H, Lb, keys] score t
 
 def sparse_attention(q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale):
     """Softmax-with-sink attention of q [B, L, H, D] (first query at position `start`) over
-    window rows [B, W, D] (first at position `win_start`) and compressed entries comp [B, N, D],
-    either all causally complete ones (comp_idx None) or per-query ids [B, L, k] (-1 = none).
-    Returns [B, L, H, D] in q.dtype. Query blocks keep every intermediate bounded.
+    window rows [B, W, D] (first at position `win_start`) and compressed entries: with
+    comp_idx None, `comp` [B, N, D] holds them all and each query sees the causally complete
+    ones (HCA); otherwise `comp` is a row store (kvstore.Rows) and comp_idx [B, L, k] the
+    per-query selection (CSA, -1 = none), gathered per query block. Returns [B, L, H, D].
     """
     B, L, H, D = q.shape
     W = window.shape[1]
-    N = 0 if comp is None else comp.shape[1]
+    N = 0 if comp is None else (comp.shape[1] if comp_idx is None else comp.n)
     n_c = N if comp_idx is None else comp_idx.shape[-1]
     step = max(1, min(L, _ATTN_BUDGET // max(1, B * H * (W + n_c))))
     outs = []
@@ -51,8 +52,7 @@ def sparse_attention(q, window, win_start, comp, comp_idx, sink, start, ratio, w
             logits.append(mx.where(cmask, (qb @ mx.swapaxes(ck, -1, -2)[:, None]) * scale, -mx.inf))
         elif N:
             ids = comp_idx[:, s:e]  # [B, Lb, k]
-            gathered = mx.take_along_axis(comp[:, None], mx.maximum(ids, 0)[..., None], axis=2)
-            gathered = gathered.astype(mx.float32)  # [B, Lb, k, D]: per-query rows, never [.., N, D]
+            gathered = comp.take(mx.maximum(ids, 0), mx.float32)  # [B, Lb, k, D], never [.., N, D]
             sc = mx.swapaxes(q[:, s:e].astype(mx.float32) @ mx.swapaxes(gathered, -1, -2), 1, 2)
             logits.append(mx.where((ids >= 0)[:, None], sc * scale, -mx.inf))  # [B, H, Lb, k]
         z = mx.concatenate(logits, axis=-1) if len(logits) > 1 else logits[0]
@@ -116,13 +116,11 @@ class Attention(nn.Module):
         if self.ratio:
             fin = lambda c: qat.kv(c, D - r)  # noqa: E731
             cache.push_compressed(self.compressor(x, start, cache.comp_state, self._freqs, x.dtype, fin))
-            comp = cache.compressed
             if self.ratio == 4:
                 idx = self.indexer(x, qr, start, cache, self._freqs, qat.index, a.index_topk)
-                if idx is None:
-                    comp = None
-            if comp is not None and comp.shape[1] == 0:
-                comp = None
+                comp = cache.compressed_store if idx is not None else None
+            else:
+                comp = cache.compressed
 
         prev = cache.window
         win = kv if prev is None else mx.concatenate([prev, kv], axis=1)

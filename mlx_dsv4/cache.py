@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx_lm.models.cache as _mlx_lm_cache
 from mlx_lm.models.cache import _BaseCache
 
-_STEP = 256  # growth granularity of the compressed buffers (amortises copies at decode)
+from .kvstore import Rows, make_rows
 
 
 class CompressorState:
@@ -38,40 +38,16 @@ class CompressorState:
         return s
 
 
-class _Buffer:
-    """Append-only [B, n, D] rows with amortised growth."""
-
-    __slots__ = ("data", "n")
-
-    def __init__(self, data: mx.array | None = None, n: int = 0):
-        self.data, self.n = data, n
-
-    def append(self, rows: mx.array) -> None:
-        k = rows.shape[1]
-        if k == 0:
-            return
-        if self.data is None or self.n + k > self.data.shape[1]:
-            B, _, D = rows.shape
-            cap = ((self.n + k + _STEP - 1) // _STEP) * _STEP
-            new = mx.zeros((B, cap, D), dtype=rows.dtype)
-            if self.n:
-                new[:, : self.n] = self.data[:, : self.n]
-            self.data = new
-        self.data[:, self.n : self.n + k] = rows
-        self.n += k
-
-    def view(self) -> mx.array | None:
-        return None if self.data is None else self.data[:, : self.n]
-
-
 class LayerCache(_BaseCache):
-    def __init__(self, ratio: int, window_size: int):
+    def __init__(self, ratio: int, window_size: int, compact: bool = False, nope: int | None = None):
+        """compact: store compressed entries / indexer keys in the trained FP8 / FP4 formats
+        (lossless only when the values were rounded to them, i.e. with simulate_qat on)."""
         self.ratio = ratio
         self.window_size = window_size
         self.offset = 0
         self.window: mx.array | None = None
-        self._comp = _Buffer()
-        self._index = _Buffer()
+        self._comp: Rows = make_rows("fp8" if compact else "dense", nope)
+        self._index: Rows = make_rows("fp4" if compact else "dense")
         self.comp_state = CompressorState()
         self.index_state = CompressorState()
 
@@ -86,6 +62,10 @@ class LayerCache(_BaseCache):
 
     def push_index_keys(self, k: mx.array) -> None:
         self._index.append(k)
+
+    @property
+    def compressed_store(self) -> Rows:
+        return self._comp
 
     @property
     def compressed(self) -> mx.array | None:
@@ -111,18 +91,19 @@ class LayerCache(_BaseCache):
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.window, self.compressed, self.index_keys]
+        arrays = [self.window]
         for s in (self.comp_state, self.index_state):
             arrays += list(s.arrays().values())
-        return sum(a.nbytes for a in arrays if a is not None)
+        return self._comp.nbytes + self._index.nbytes + sum(a.nbytes for a in arrays if a is not None)
 
     @property
     def state(self) -> dict:
         return {
-            "meta": {"ratio": self.ratio, "window_size": self.window_size, "offset": self.offset},
+            "meta": {"ratio": self.ratio, "window_size": self.window_size, "offset": self.offset,
+                     "nope": getattr(self._comp, "nope", None)},
             "window": self.window,
-            "compressed": self.compressed,
-            "index_keys": self.index_keys,
+            "compressed": self._comp.arrays(),
+            "index_keys": self._index.arrays(),
             "comp_state": self.comp_state.arrays(),
             "index_state": self.index_state.arrays(),
         }
@@ -136,9 +117,9 @@ class LayerCache(_BaseCache):
             return a if a is not None and a.size else None
 
         self.window = arr(v.get("window"))
-        comp, idx = arr(v.get("compressed")), arr(v.get("index_keys"))
-        self._comp = _Buffer(comp, 0 if comp is None else comp.shape[1])
-        self._index = _Buffer(idx, 0 if idx is None else idx.shape[1])
+        meta_nope = meta.get("nope")
+        self._comp = Rows.from_arrays(v.get("compressed", {}), nope=None if meta_nope is None else int(meta_nope))
+        self._index = Rows.from_arrays(v.get("index_keys", {}))
         self.comp_state = CompressorState.from_arrays(v.get("comp_state", {}))
         self.index_state = CompressorState.from_arrays(v.get("index_state", {}))
 

@@ -88,12 +88,18 @@ class Model(HCHead):
         self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self._init_head(args)
 
-    def make_cache(self) -> list[LayerCache]:
-        return [LayerCache(self.args.ratio(i), self.args.window_size) for i in range(self.args.n_layers)]
+    def make_cache(self, compact: bool | None = None) -> list[LayerCache]:
+        """One LayerCache per layer. compact (default: simulate_qat) stores compressed entries and
+        indexer keys in the trained FP8 / FP4 formats: lossless, as the simulation rounds to them."""
+        compact = self.qat.simulate if compact is None else compact
+        if compact and not self.qat.simulate:
+            raise ValueError("a compact cache needs simulate_qat=True (otherwise storage would round values)")
+        a = self.args
+        return [LayerCache(a.ratio(i), a.window_size, compact, a.nope_head_dim) for i in range(a.n_layers)]
 
     def make_mtp_cache(self) -> list[LayerCache]:
-        n = self.args.n_layers
-        return [LayerCache(self.args.ratio(n + i), self.args.window_size) for i in range(len(self.mtp))]
+        a = self.args
+        return [LayerCache(a.ratio(a.n_layers + i), a.window_size) for i in range(len(self.mtp))]
 
     def hidden_streams(self, tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
         """tokens [B, L] -> final residual streams [B, L, hc, d] (before hc_head)."""
