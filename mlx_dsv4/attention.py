@@ -91,13 +91,22 @@ class Attention(nn.Module):
         self._freqs = inv_freq(args, self.ratio)
 
     def grouped_out(self, o: mx.array) -> mx.array:
-        """o [B, L, H*D] -> wo_b(concat_g wo_a[g] . o_g): a block-diagonal then a dense projection."""
+        """o [B, L, H*D] -> wo_b(concat_g wo_a[g] . o_g): a block-diagonal then a dense projection.
+
+        wo_a's rows are split into G groups; packing runs along the inputs, so this split is
+        valid for quantized weights too (reshaping across the input axis would not be)."""
         G, R = self.args.o_groups, self.args.o_lora_rank
         B, L, _ = o.shape
         og = o.reshape(B, L, G, 1, -1)
-        w = self.wo_a.weight.reshape(G, R, -1)  # split along outputs only: safe for packed weights too
-        a = (og @ mx.swapaxes(w, -1, -2)[None, None]).reshape(B, L, G * R)
-        return self.wo_b(a)
+        wo_a = self.wo_a
+        if "scales" in wo_a:
+            split = lambda t: None if t is None else t.reshape(G, R, -1)  # noqa: E731
+            a = mx.gather_qmm(og, split(wo_a.weight), split(wo_a.scales), split(wo_a.get("biases")),
+                              rhs_indices=mx.arange(G), transpose=True, group_size=wo_a.group_size,
+                              bits=wo_a.bits, mode=wo_a.mode)
+        else:
+            a = og @ mx.swapaxes(wo_a.weight.reshape(G, R, -1), -1, -2)
+        return self.wo_b(a.reshape(B, L, G * R))
 
     def __call__(self, x: mx.array, cache: LayerCache, qat) -> mx.array:
         a = self.args

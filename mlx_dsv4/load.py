@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
+import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs, from_hf_config, load_config
@@ -49,10 +49,18 @@ def to_model_layout(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, 
     return out
 
 
-def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype=None, simulate_qat: bool = True) -> Model:
-    """Instantiate the model and load `weights` (model layout) strictly: every tensor must match."""
+def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype=None, simulate_qat: bool = True,
+                quantization: dict | None = None) -> Model:
+    """Instantiate the model and load `weights` (model layout) strictly: every tensor must match.
+
+    `quantization` (a converted config's per-module {group_size, bits, mode} entries) selects
+    which modules become quantized before loading; packed weights and scales keep their dtype.
+    """
     dtype = dtype or mx.bfloat16
     model = Model(args, simulate_qat=simulate_qat)
+    if quantization:
+        per_module = {k: v for k, v in quantization.items() if isinstance(v, dict)}
+        nn.quantize(model, class_predicate=lambda path, _m: per_module.get(path, False))
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unknown = sorted(set(weights) - set(expected))
@@ -64,6 +72,8 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype=None, simul
             raise WeightsError(f"{name}: shape {tuple(w.shape)}, expected {tuple(expected[name].shape)}")
         if name.endswith("tid2eid"):
             cast[name] = w.astype(mx.int32)
+        elif not mx.issubdtype(w.dtype, mx.floating):
+            cast[name] = w  # packed quantized weights and E8M0 scales
         elif _FP32.search(name):
             cast[name] = w.astype(mx.float32)
         else:
@@ -91,8 +101,22 @@ def _read_official_dir(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: int = 0):
-    """Returns (model, tokenizer)."""
+def _is_official_unquantized(path: Path) -> bool:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = json.loads(index.read_text()).get("weight_map", {})
+    else:
+        from .checkpoint.safetensors_io import read_header
+
+        names = {n for f in path.glob("*.safetensors") for n in read_header(f)[0]}
+    cfg = json.loads((path / "config.json").read_text())
+    return "mlx_dsv4" not in cfg and not any(n.endswith(".scale") for n in names)
+
+
+def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: int = 0,
+         revision: str | None = None):
+    """(model, tokenizer) from "tiny", a converted MLX directory, an official directory (FP8/FP4
+    converted lazily on the fly, or unquantized) or a Hugging Face repo id. Weights load lazily."""
     if str(path_or_name) == "tiny":
         from .tiny import random_weights, tiny_hf_config
 
@@ -101,8 +125,15 @@ def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: 
         model = build_model(args, to_model_layout(w, args), dtype or mx.float32, simulate_qat)
         return model, load_tokenizer(None)
     path = Path(path_or_name)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no model directory at {path} (and it is not the name 'tiny')")
-    args, _ = load_config(path)
-    weights = to_model_layout(_read_official_dir(path), args)
-    return build_model(args, weights, dtype, simulate_qat), load_tokenizer(path)
+    if path.is_dir() and (path / "config.json").exists() and _is_official_unquantized(path):
+        args, _ = load_config(path)
+        weights = to_model_layout(_read_official_dir(path), args)
+        return build_model(args, weights, dtype, simulate_qat), load_tokenizer(path)
+    from .checkpoint import load_weights
+    from .checkpoint.hub import resolve_source
+
+    root = resolve_source(path_or_name, revision)
+    cfg, weights = load_weights(root)
+    args = from_hf_config(cfg)
+    model = build_model(args, to_model_layout(weights, args), dtype, simulate_qat, cfg.get("quantization"))
+    return model, load_tokenizer(root)
