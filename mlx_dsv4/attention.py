@@ -21,6 +21,10 @@ from .rope import apply_rope, cos_sin, inv_freq
 _ATTN_BUDGET = 1 << 22  # elements of one query block's [B, H, Lb, keys] score tile
 
 
+def step_keys(n: int) -> int:
+    return max(n, 1)
+
+
 def sparse_attention(q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale):
     """Softmax-with-sink attention of q [B, L, H, D] (first query at position `start`) over
     window rows [B, W, D] (first at position `win_start`) and compressed entries: with
@@ -32,7 +36,9 @@ def sparse_attention(q, window, win_start, comp, comp_idx, sink, start, ratio, w
     W = window.shape[1]
     N = 0 if comp is None else (comp.shape[1] if comp_idx is None else comp.n)
     n_c = N if comp_idx is None else comp_idx.shape[-1]
-    step = max(1, min(L, _ATTN_BUDGET // max(1, B * H * (W + n_c))))
+    # Blocks of about one window: a block of Lb queries reads Lb + window_size - 1 window rows,
+    # so larger blocks waste work on masked scores; the budget bounds memory for huge N.
+    step = max(1, min(L, window_size, _ATTN_BUDGET // max(1, B * H * (window_size + step_keys(n_c)))))
     outs = []
     for s in range(0, L, step):
         e = min(L, s + step)
@@ -128,6 +134,10 @@ class Attention(nn.Module):
             if self.ratio == 4:
                 idx = self.indexer(x, qr, start, cache, self._freqs, qat.index, a.index_topk)
                 comp = cache.compressed_store if idx is not None else None
+                if idx is not None and idx.shape[-1] >= cache.n_compressed:
+                    # top-k covers every entry: the selection is exactly the causal set, so the
+                    # dense causal path gives the same result without per-query gathers
+                    comp, idx = cache.compressed, None
             else:
                 comp = cache.compressed
 

@@ -57,8 +57,13 @@ class Rows:
 
     def take(self, ids: mx.array, dtype=None) -> mx.array:
         """Rows ids [B, L, k] (>= 0) -> [B, L, k, D]; only the selected rows are decoded."""
-        sel = {name: mx.take_along_axis(v[:, None], ids.reshape(*ids.shape, *([1] * (v.ndim - 2))), axis=2)
-               for name, v in self.parts.items()}
+        B, cap = ids.shape[0], None
+        sel = {}
+        for name, v in self.parts.items():
+            cap = v.shape[1]
+            flat_ids = (ids + (mx.arange(B) * cap).reshape(B, *([1] * (ids.ndim - 1)))).reshape(-1)
+            rows = mx.take(v.reshape(B * cap, *v.shape[2:]), flat_ids, axis=0)  # whole-row copies
+            sel[name] = rows.reshape(*ids.shape, *v.shape[2:])
         return self.decode(sel, dtype)
 
     @property

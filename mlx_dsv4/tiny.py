@@ -78,6 +78,16 @@ def tiny_hf_config(kind: str = "flash", **overrides) -> dict:
     return cfg
 
 
+def bench_hf_config() -> dict:
+    """The real V4-Flash layer schedule (43 layers + MTP) and attention geometry (head_dim 512,
+    rope 64, indexer keys 128 wide, window 128), with narrow everything else: its cache holds
+    exactly as many bytes per token as the real Flash's, while it runs on a laptop CPU."""
+    return tiny_hf_config(
+        "flash", compress_ratios=[0, 0] + [4, 128] * 20 + [4] + [0], hidden_size=256, num_attention_heads=4,
+        head_dim=512, qk_rope_head_dim=64, q_lora_rank=64, o_lora_rank=64, index_n_heads=8, index_head_dim=128,
+        index_topk=512, n_routed_experts=8, moe_intermediate_size=64)
+
+
 def _official_shapes(args) -> dict[str, tuple[tuple[int, ...], str]]:
     """Official tensor names -> (shape, dtype name) derived from the MLX module tree."""
     from .model import Model
