@@ -8,11 +8,24 @@ The mixing is X'_k = post_k * y + sum_j comb[j, k] * X_j: comb is applied transp
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 
 def sinkhorn_split(mix: mx.array, scale: mx.array, base: mx.array, hc: int, iters: int, eps: float):
-    """mix [..., (2+hc)*hc] -> pre [..., hc], post [..., hc], comb [..., hc, hc] (float32)."""
+    """mix [..., (2+hc)*hc] -> pre [..., hc], post [..., hc], comb [..., hc, hc] (float32).
+
+    Compiled per (hc, iters, eps): ~60 tiny elementwise ops fuse into a few kernels."""
+    return _compiled_split(hc, iters, eps)(mix, scale, base)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_split(hc: int, iters: int, eps: float):
+    return mx.compile(functools.partial(_split, hc=hc, iters=iters, eps=eps))
+
+
+def _split(mix: mx.array, scale: mx.array, base: mx.array, hc: int, iters: int, eps: float):
     pre = mx.sigmoid(mix[..., :hc] * scale[0] + base[:hc]) + eps
     post = 2 * mx.sigmoid(mix[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
     c = mix[..., 2 * hc :] * scale[2] + base[2 * hc :]
