@@ -1,0 +1,308 @@
+"""The `mlx_dsv4` command: generate, chat, convert, serve, bench.
+
+Heavy modules (MLX, mlx-lm, the model) are imported inside the commands, so `--help` and flag
+errors answer at once. Errors the user can fix are printed as one `error: ...` line (exit 1);
+MLX_DSV4_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DEFAULT_MODEL = "deepseek-ai/DeepSeek-V4-Flash"
+
+app = typer.Typer(name="mlx_dsv4", help="DeepSeek-V4 on Apple silicon with MLX.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+
+class Effort(str, Enum):
+    high = "high"
+    max = "max"
+
+
+def fail(message: str, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors():
+    """The exception types that mean bad input (not a bug): shown as one line."""
+    from .checkpoint.errors import CheckpointError
+
+    return (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def run_guarded(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130)
+    except Exception as e:
+        if os.environ.get("MLX_DSV4_DEBUG") or not isinstance(e, user_errors()):
+            raise
+        fail(str(e))
+
+
+# -- shared options ----------------------------------------------------------------------------
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face repo id, checkpoint directory, "
+                                       "or 'tiny' (random weights of the real architecture, real tokenizer)")]
+SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="system prompt")]
+ThinkingOpt = Annotated[bool, typer.Option("--thinking/--no-thinking", help="reasoning before the answer")]
+EffortOpt = Annotated[Effort | None, typer.Option("--reasoning-effort", help="with --thinking: high or max")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=0, help="most tokens to generate")]
+TempOpt = Annotated[float, typer.Option("--temperature", "--temp", min=0.0, help="0 = greedy")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="nucleus sampling, in (0, 1]")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="sample among the k best tokens (0 = all)")]
+MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="drop tokens below min_p x the best")]
+RepOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="> 1 discourages repeats")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="random seed for sampling")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="stop string (repeatable)")]
+StepOpt = Annotated[int, typer.Option("--prefill-step-size", min=1, help="prompt tokens per prefill chunk")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="print load time and token/s statistics")]
+ShowReasoningOpt = Annotated[bool, typer.Option("--show-reasoning/--hide-reasoning",
+                                                help="print the reasoning of --thinking (apart from the answer)")]
+
+
+def sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, step) -> dict:
+    if not top_p > 0:
+        fail(f"--top-p must be in (0, 1], got {top_p}", 2)
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        fail(f"--repetition-penalty must be > 0, got {repetition_penalty}", 2)
+    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+            "min_p": min_p, "repetition_penalty": repetition_penalty, "seed": seed,
+            "stop": list(stop or []) or None, "prefill_step_size": step}
+
+
+def chat_mode(thinking: bool, effort: Effort | None) -> tuple[str, str | None]:
+    if effort is not None and not thinking:
+        fail("--reasoning-effort needs --thinking (chat mode does not reason)", 2)
+    return ("thinking" if thinking else "chat"), (effort.value if effort else None)
+
+
+def load_model(name: str, verbose: bool):
+    import time
+
+    from .load import load
+
+    if name != "tiny" and not Path(name).expanduser().exists() and "/" not in name:
+        fail(f"model {name!r} is neither a directory, a Hugging Face repo id (owner/name), nor 'tiny'")
+    t = time.perf_counter()
+    model, tokenizer = load(name)
+    if verbose:
+        typer.echo(f"loaded {name} in {time.perf_counter() - t:.1f} s", err=True)
+    return model, tokenizer
+
+
+# -- generate ------------------------------------------------------------------------------------
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="the prompt; '-' or none reads stdin")] = None,
+    model: ModelOpt = DEFAULT_MODEL, system: SystemOpt = None, thinking: ThinkingOpt = False,
+    reasoning_effort: EffortOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="no chat template: the prompt as is, after BOS")] = False,
+    max_tokens: MaxTokensOpt = 256, temperature: TempOpt = 0.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0, repetition_penalty: RepOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
+    prompt_cache_file: Annotated[Path | None, typer.Option(
+        "--prompt-cache-file", help="a .safetensors file: made from the prompt's reusable prefix (the system "
+        "prompt, else all but the last token) on the first run, reused by later runs")] = None,
+    prefill_step_size: StepOpt = 512, show_reasoning: ShowReasoningOpt = True, verbose: VerboseOpt = False,
+):
+    """Generate a reply to one prompt and print it as it streams."""
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            fail("no prompt: give it as an argument or pipe it on stdin", 2)
+        prompt = sys.stdin.read().rstrip("\r\n")  # the newline that ends a piped line is not part of it
+    if not prompt.strip():
+        fail("the prompt is empty", 2)
+    if raw and (system or thinking or reasoning_effort):
+        fail("--raw takes the prompt as is: it cannot be combined with --system, --thinking or --reasoning-effort", 2)
+    mode, effort = chat_mode(thinking, reasoning_effort)
+    if prompt_cache_file is not None and prompt_cache_file.suffix != ".safetensors":
+        fail(f"--prompt-cache-file {prompt_cache_file} must end in .safetensors", 2)
+    opts = sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, prefill_step_size)
+    run_guarded(_generate, prompt, model, system, mode, effort, raw, opts, prompt_cache_file, show_reasoning, verbose)
+
+
+def _generate(prompt, model_name, system, mode, effort, raw, opts, cache_file, show_reasoning, verbose):
+    from .repl import Display, encode_turns, progress_bar
+
+    model, tok = load_model(model_name, verbose)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if raw:
+        ids = tok.encode(prompt, add_special_tokens=False)
+        ids = ids if ids[:1] == [model.args.bos_token_id] else [model.args.bos_token_id] + ids
+    else:
+        ids = tok.encode(encode_turns(messages, mode, effort), add_special_tokens=False)
+    context = model.args.max_position_embeddings
+    if len(ids) > context:
+        fail(f"the prompt has {len(ids)} tokens, longer than the model's context of {context}")
+    cache = None
+    if cache_file is not None:
+        cache = _prompt_cache(model, tok, ids, messages, mode, effort, raw, cache_file, opts, verbose)
+    display = Display(sys.stdout, mode, show_reasoning)
+    r = None
+    with progress_bar(len(ids) - (cache[0].offset if cache else 0), opts["prefill_step_size"]) as bar:
+        from .generate import stream_generate
+
+        for r in stream_generate(model, tok, ids, prompt_cache=cache, progress_callback=bar, **opts):
+            display.feed(r.text)
+    display.finish()
+    if verbose and r is not None:
+        from .generate import format_stats
+
+        typer.echo(format_stats(r), err=True)
+
+
+def _prompt_cache(model, tok, ids, messages, mode, effort, raw, path, opts, verbose):
+    from .generate import prefill
+    from .prompt_cache import load_prompt_cache, save_prompt_cache
+    from .repl import progress_bar, reusable_prefix
+
+    if path.exists():
+        cache, _ = load_prompt_cache(path, model=model, prompt=ids)
+        if verbose:
+            typer.echo(f"prompt cache {path}: {cache[0].offset} of {len(ids)} prompt tokens", err=True)
+        return cache
+    prefix = ids[:-1] if raw else reusable_prefix(tok, ids, messages, mode, effort)
+    cache = model.make_cache()
+    with progress_bar(len(prefix), opts["prefill_step_size"]) as bar:
+        prefill(model, prefix, cache, opts["prefill_step_size"], bar)
+    save_prompt_cache(path, cache, tokens=prefix, model=model)
+    if verbose:
+        typer.echo(f"prompt cache {path}: saved {len(prefix)} tokens", err=True)
+    return cache
+
+
+# -- chat ----------------------------------------------------------------------------------------
+@app.command()
+def chat(
+    model: ModelOpt = DEFAULT_MODEL, system: SystemOpt = None, thinking: ThinkingOpt = False,
+    reasoning_effort: EffortOpt = None, max_tokens: MaxTokensOpt = 2048, temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 1.0, top_k: TopKOpt = 0, min_p: MinPOpt = 0.0, repetition_penalty: RepOpt = None,
+    seed: SeedOpt = None, stop: StopOpt = None, prefill_step_size: StepOpt = 512,
+    show_reasoning: ShowReasoningOpt = True, verbose: VerboseOpt = False,
+):
+    """An interactive chat with history. One message per line; /reset clears the history, /exit ends."""
+    mode, effort = chat_mode(thinking, reasoning_effort)
+    opts = sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, prefill_step_size)
+
+    def session():
+        from .repl import ChatSession
+
+        m, tok = load_model(model, verbose)
+        ChatSession(m, tok, system, mode, effort, opts, show_reasoning, verbose).run(sys.stdin, sys.stdout)
+
+    run_guarded(session)
+
+
+# -- convert -------------------------------------------------------------------------------------
+@app.command()
+def convert(
+    hf_path: Annotated[str, typer.Option("--hf-path", help="official checkpoint directory or Hub repo id")],
+    mlx_path: Annotated[Path, typer.Option("--mlx-path", help="output directory")],
+    quant_mode: Annotated[str, typer.Option("--quant-mode", "-q",
+                                            help="lossless | bf16 | fp32 | affine8 | affine4")] = "lossless",
+    group_size: Annotated[int, typer.Option("--group-size", help="group size of affine formats: 32, 64, 128")] = 64,
+    override: Annotated[list[str] | None, typer.Option("--override", metavar="CLASS=FORMAT",
+                                                          help="per tensor class format (repeatable)")] = None,
+    max_shard_gb: Annotated[float, typer.Option("--max-shard-gb", help="output shard size")] = 5.0,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+):
+    """Convert an official DeepSeek-V4 checkpoint into an MLX checkpoint (streamed, bounded memory)."""
+
+    def run():
+        try:
+            from .checkpoint.convert import convert as do_convert
+            from .checkpoint.policy import parse_overrides
+        except ImportError as e:
+            fail(f"the converter is not available in this installation ({e})")
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        out = do_convert(hf_path, mlx_path, quant_mode=quant_mode, group_size=group_size,
+                         overrides=parse_overrides(override or []), max_shard_gb=max_shard_gb,
+                         progress=progress, overwrite=overwrite, revision=revision)
+        typer.echo(f"wrote {out}")
+
+    run_guarded(run)
+
+
+# -- serve ---------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8080,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="MLX_DSV4_API_KEY",
+                                                   help="require this bearer key (or x-api-key)")] = None,
+):
+    """OpenAI- and Anthropic-compatible HTTP server."""
+
+    def run():
+        try:
+            from .server.app import serve as do_serve
+        except ImportError as e:
+            fail(f"the server is not available in this installation ({e})")
+        do_serve(model, host, port, api_key)
+
+    run_guarded(run)
+
+
+# -- bench ---------------------------------------------------------------------------------------
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="'bench' (Flash layout, random weights), "
+                                       "'tiny' or a checkpoint")] = "bench",
+    contexts: Annotated[str, typer.Option("--contexts", help="comma-separated context lengths")] = "1024,4096,16384",
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", min=1, help="generated tokens per context")] = 16,
+    chunk: Annotated[int, typer.Option("--chunk", min=1, help="prefill chunk")] = 2048,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="write the results as JSON")] = None,
+    png_out: Annotated[str | None, typer.Option("--png", help="write a plot")] = None,
+):
+    """Prompt / generation tokens per second, peak memory and cache size at growing contexts."""
+    try:
+        ctx = tuple(int(c) for c in contexts.split(",") if c.strip())
+    except ValueError:
+        fail(f"--contexts must be comma-separated integers, got {contexts!r}", 2)
+    if not ctx or min(ctx) < 1:
+        fail(f"--contexts must list positive lengths, got {contexts!r}", 2)
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}", 2)
+
+    def run():
+        try:
+            from . import bench as b
+        except ImportError as e:
+            fail(f"mlx_dsv4 bench is not available in this installation ({e})")
+        if not hasattr(b, "run"):
+            fail("mlx_dsv4.bench has no run(); the benchmark is not available in this installation")
+        b.run(model=model, contexts=ctx, gen_tokens=gen_tokens, chunk=chunk, dtype=dtype,
+              out_json=json_out, out_png=png_out)
+
+    run_guarded(run)
+
+
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                         help="print the version and exit")] = None):
+    """DeepSeek-V4 on Apple silicon with MLX."""

@@ -1,0 +1,224 @@
+"""Text generation: `stream_generate` yields one GenerationResponse per token, `generate` returns
+the text. Sampling and logits processors are mlx-lm's; prefill runs in chunks through the cache.
+
+Cache contract: when the stream ends, `prompt_cache` (if given) holds the prompt plus every
+generated token except the last one (the last token is sampled, never fed), so a caller that
+knows the tokens can keep using the cache.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .prompt_cache import load_prompt_cache, save_prompt_cache  # noqa: F401  (re-exported)
+from .text_stream import Detokenizer, StopStrings
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # new text since the previous response
+    token: int | None
+    logprob: float | None  # of the sampled token, after logits processors, before temperature
+    top_logprobs: list[tuple[int, float]] | None
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens served from the given prompt_cache
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None  # None while running; "stop", "length" or "cancelled" at the end
+
+
+def prompt_tokens(tokenizer, prompt: str | list[int] | mx.array, vocab_size: int | None = None) -> list[int]:
+    """The prompt as a list of ids. Strings are encoded without special tokens: prompts from
+    encode_messages already start with BOS."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+    elif isinstance(prompt, mx.array):
+        if prompt.ndim == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.ndim != 1 or not mx.issubdtype(prompt.dtype, mx.integer):
+            raise ValueError(f"prompt array must hold integer ids, [length] or [1, length]; got "
+                             f"{prompt.dtype} of shape {prompt.shape}")
+        ids = prompt.tolist()
+    else:
+        ids = list(prompt)
+        if not all(isinstance(t, numbers.Integral) for t in ids):
+            raise ValueError("prompt list must contain only integer token ids")
+        ids = [int(t) for t in ids]
+    if not ids:
+        raise ValueError("empty prompt: it must contain at least one token")
+    if vocab_size is not None:
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def _check_sampling(temperature, top_p, top_k, min_p, repetition_penalty, vocab_size):
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not (isinstance(top_k, int) and 0 <= top_k):
+        raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    return min(top_k, vocab_size - 1) if top_k else 0  # top_k >= vocab keeps everything anyway
+
+
+def prefill(model, tokens: list[int], cache: list, step: int = 512,
+            progress: Callable[[int, int], None] | None = None) -> None:
+    """Run `tokens` through the cache in chunks of `step`, materialising the cache after each."""
+    if step < 1:
+        raise ValueError(f"prefill_step_size must be >= 1, got {step}")
+    for s in range(0, len(tokens), step):
+        chunk = mx.array(tokens[s : s + step])[None]
+        model(chunk, cache=cache, last_only=True)
+        mx.eval([c.state for c in cache])
+        if progress is not None:
+            progress(min(s + step, len(tokens)), len(tokens))
+
+
+def stream_generate(model, tokenizer, prompt: str | list[int] | mx.array, *, max_tokens: int = 256,
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                    repetition_penalty: float | None = None, seed: int | None = None,
+                    sampler: Callable[[mx.array], mx.array] | None = None,
+                    logits_processors: list[Callable] | None = None, stop: list[str] | None = None,
+                    prompt_cache: list | None = None, prefill_step_size: int = 512,
+                    num_top_logprobs: int = 0, progress_callback: Callable[[int, int], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> Iterator[GenerationResponse]:
+    """Yield one response per generated token; the last one carries finish_reason.
+
+    prompt_cache, if given, already holds the first `prompt_cache[0].offset` prompt tokens (the
+    caller guarantees they match) and at least the last prompt token must be left to feed.
+    progress_callback(done, total) follows the prefill of the uncached prompt tokens;
+    should_stop() is polled before every token (e.g. for client disconnects). Bad arguments raise
+    ValueError here, at the call; the prefill starts with the first response."""
+    vocab = model.args.vocab_size
+    ids = prompt_tokens(tokenizer, prompt, vocab)
+    context = model.args.max_position_embeddings
+    if len(ids) > context:
+        raise ValueError(f"prompt has {len(ids)} tokens, longer than the model's context of {context}")
+    if not (isinstance(max_tokens, int) and max_tokens >= 0):
+        raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
+    if num_top_logprobs < 0:
+        raise ValueError(f"num_top_logprobs must be >= 0, got {num_top_logprobs}")
+    top_k = _check_sampling(temperature, top_p, top_k, min_p, repetition_penalty, vocab)
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    cached = cache[0].offset if cache else 0
+    if cached >= len(ids):
+        raise ValueError(f"prompt_cache already holds {cached} tokens but the prompt has {len(ids)}: "
+                         "leave at least the last prompt token uncached")
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = sampler or make_sampler(temperature, top_p, min_p, top_k=top_k)
+    processors = list(logits_processors or []) + make_logits_processors(repetition_penalty=repetition_penalty)
+    max_tokens = min(max_tokens, context - len(ids))  # prompt + generated never exceeds the context
+    stop = [stop] if isinstance(stop, str) else stop
+    return _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processors, stop,
+                   prefill_step_size, num_top_logprobs, progress_callback, should_stop)
+
+
+def _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processors, stop, prefill_step_size,
+            num_top_logprobs, progress_callback, should_stop) -> Iterator[GenerationResponse]:
+    def step(tokens: list[int], history: mx.array | None):
+        logits = model(mx.array(tokens)[None], cache=cache, last_only=True)[:, -1, :]
+        for p in processors:
+            logits = p(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs
+
+    vocab = model.args.vocab_size
+    tic = time.perf_counter()
+    todo = ids[cached:]
+    report = progress_callback and (lambda done, _total: progress_callback(done, len(todo)))
+    prefill(model, todo[:-1], cache, prefill_step_size, report)
+    history = mx.array(ids) if processors else None  # what the logits processors look back on
+    detok, stops = Detokenizer(tokenizer), StopStrings(stop)
+
+    def close() -> tuple[str, bool]:  # end of stream: release held bytes and held text
+        tail, hit = stops.feed(detok.finish())
+        return tail + ("" if hit else stops.flush()), hit
+
+    n, prompt_tps, gen_tic, last = 0, 0.0, tic, todo[-1:]
+    while True:
+        token = lp = top = finish = None
+        if should_stop is not None and should_stop():
+            finish = "cancelled"
+        elif n >= max_tokens:
+            finish = "length"
+        else:
+            y, logprobs = step(last, history)
+            # the cache too: states not read by this token's logits would otherwise stay lazy for
+            # up to `ratio` steps, holding every intermediate activation alive
+            mx.eval(y, logprobs, [c.state for c in cache])
+            token = y.item()
+            lp = logprobs[0, token].item()
+            if num_top_logprobs:
+                k = min(num_top_logprobs, vocab)
+                idx = mx.argpartition(-logprobs[0], k - 1)[:k]
+                vals = logprobs[0][idx]
+                order = mx.argsort(-vals)
+                top = list(zip(idx[order].tolist(), vals[order].tolist()))
+            if n == 0:
+                prompt_tps = len(todo) / (time.perf_counter() - tic)
+                gen_tic = time.perf_counter()
+                if progress_callback is not None:
+                    progress_callback(len(todo), len(todo))
+            n += 1
+            if history is not None:
+                history = mx.concatenate([history, y.reshape(1).astype(history.dtype)])
+            last = [token]
+        if token is None:
+            text, _ = close()
+        elif token in tokenizer.eos_token_ids:
+            text, _ = close()
+            finish = "stop"
+        else:
+            text, hit = stops.feed(detok.add(token))
+            if hit:
+                finish = "stop"
+            elif n == max_tokens:
+                tail, hit = close()
+                text, finish = text + tail, "stop" if hit else "length"
+        gen_time = time.perf_counter() - gen_tic
+        yield GenerationResponse(
+            text=text, token=token, logprob=lp, top_logprobs=top, prompt_tokens=len(ids),
+            cached_tokens=cached, prompt_tps=prompt_tps, generation_tokens=n,
+            generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
+        if finish is not None:
+            return
+
+
+def generate(model, tokenizer, prompt: str | list[int] | mx.array, verbose: bool = False, **kwargs) -> str:
+    """The generated text (stop strings and EOS excluded). verbose prints it as it streams, then stats."""
+    text, r = [], None
+    for r in stream_generate(model, tokenizer, prompt, **kwargs):
+        text.append(r.text)
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose and r is not None:
+        print()
+        print("=" * 10)
+        print(format_stats(r))
+    return "".join(text)
+
+
+def format_stats(r: GenerationResponse) -> str:
+    cached = f" ({r.cached_tokens} cached)" if r.cached_tokens else ""
+    return (f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.3f} tokens-per-sec\n"
+            f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
+            f"Peak memory: {r.peak_memory:.3f} GB\n"
+            f"Finish reason: {r.finish_reason}")
