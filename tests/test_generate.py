@@ -160,10 +160,18 @@ def test_stop_strings_property(chunks, stops):
             break
     if not hit:
         out.append(s.flush())
-    full = "".join(chunks)
-    firsts = [full.find(x) for x in stops if x in full]
-    assert "".join(out) == (full[: min(firsts)] if firsts else full)
-    assert hit == bool(firsts)
+    # Oracle (non-incremental): generation stops after the first chunk whose arrival completes a
+    # stop string; the reply is the text before the earliest stop string present at that point.
+    full, seen = "".join(chunks), ""
+    expect, expect_hit = full, False
+    for c in chunks:
+        seen += c
+        firsts = [seen.find(x) for x in stops if x in seen]
+        if firsts:
+            expect, expect_hit = seen[: min(firsts)], True
+            break
+    assert "".join(out) == expect
+    assert hit == expect_hit
 
 
 def test_eos_ends_with_stop_and_max_tokens_is_respected(tiny):
