@@ -21,10 +21,6 @@ from .rope import apply_rope, cos_sin, inv_freq
 _ATTN_BUDGET = 1 << 22  # elements of one query block's [B, H, Lb, keys] score tile
 
 
-def step_keys(n: int) -> int:
-    return max(n, 1)
-
-
 def sparse_attention(q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale):
     """Softmax-with-sink attention of q [B, L, H, D] (first query at position `start`) over
     window rows [B, W, D] (first at position `win_start`) and compressed entries: with
@@ -38,7 +34,7 @@ def sparse_attention(q, window, win_start, comp, comp_idx, sink, start, ratio, w
     n_c = N if comp_idx is None else comp_idx.shape[-1]
     # Blocks of about one window: a block of Lb queries reads Lb + window_size - 1 window rows,
     # so larger blocks waste work on masked scores; the budget bounds memory for huge N.
-    step = max(1, min(L, window_size, _ATTN_BUDGET // max(1, B * H * (window_size + step_keys(n_c)))))
+    step = max(1, min(L, window_size, _ATTN_BUDGET // max(1, B * H * (window_size + max(n_c, 1)))))
     outs = []
     for s in range(0, L, step):
         e = min(L, s + step)

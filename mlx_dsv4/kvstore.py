@@ -57,7 +57,7 @@ class Rows:
 
     def take(self, ids: mx.array, dtype=None) -> mx.array:
         """Rows ids [B, L, k] (>= 0) -> [B, L, k, D]; only the selected rows are decoded."""
-        B, cap = ids.shape[0], None
+        B = ids.shape[0]
         sel = {}
         for name, v in self.parts.items():
             cap = v.shape[1]
