@@ -103,17 +103,19 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     n_mtp = _req(cfg, "num_nextn_predict_layers")
     ratios = _req(cfg, "compress_ratios", (list,))
     notes: list[str] = []
+    if "dspark_block_size" in cfg:  # Flash-0731: mtp.* holds DSpark drafter stages, not a V4 MTP block
+        notes.append("DSpark drafter stages (mtp.0..) are recognised and skipped; speculative decoding with "
+                     "them is not implemented yet")
+        n_mtp = 0
     if len(ratios) < n_layers + n_mtp:
         raise ConfigError(
             f"config.json: field 'compress_ratios' has {len(ratios)} entries, need num_hidden_layers + "
             f"num_nextn_predict_layers = {n_layers + n_mtp}"
         )
     if len(ratios) > n_layers + n_mtp:
-        extra = len(ratios) - n_layers - n_mtp
-        notes.append(
-            f"{extra} extra compress_ratios entries (DSpark drafter stages mtp.1..) are recognised and skipped; "
-            "speculative decoding with them is not implemented yet"
-        )
+        if "dspark_block_size" not in cfg:
+            raise ConfigError(f"config.json: field 'compress_ratios' has {len(ratios)} entries, expected "
+                              f"{n_layers + n_mtp} (num_hidden_layers + num_nextn_predict_layers)")
         ratios = ratios[: n_layers + n_mtp]
     for i, r in enumerate(ratios):
         if r not in SUPPORTED_RATIOS:

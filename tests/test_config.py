@@ -32,7 +32,7 @@ def test_flash_0731_dspark_is_recognised_and_skipped(shared_dir):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         a = from_hf_config(_official(shared_dir, "DeepSeek-V4-Flash-0731"))
-    assert len(a.compress_ratios) == 44 and a.notes and "DSpark" in a.notes[0]
+    assert len(a.compress_ratios) == 43 and a.n_mtp_layers == 0 and a.notes and "DSpark" in a.notes[0]
     assert any("DSpark" in str(x.message) for x in w)
 
 
@@ -41,6 +41,7 @@ def test_flash_0731_dspark_is_recognised_and_skipped(shared_dir):
     ({"hidden_size": "4096"}, "hidden_size"),
     ({"num_attention_heads": 0}, "num_attention_heads"),
     ({"compress_ratios": [0, 0, 4]}, "compress_ratios"),
+    ({"compress_ratios": [0, 0, 4, 128, 4, 0, 0]}, "compress_ratios"),
     ({"compress_ratios": [0, 0, 8, 128, 4, 0]}, "compress_ratios[2]"),
     ({"o_groups": 3}, "o_groups"),
     ({"qk_rope_head_dim": 15}, "qk_rope_head_dim"),
@@ -66,3 +67,17 @@ def test_missing_field_and_bad_file(tmp_path):
         load_config(tmp_path)
     with pytest.raises(ConfigError, match="no config.json"):
         load_config(tmp_path / "nowhere")
+
+
+def test_dspark_checkpoint_builds_without_the_drafter():
+    from mlx.utils import tree_flatten
+
+    from mlx_dsv4.model import Model
+
+    cfg = tiny_hf_config("flash", compress_ratios=[0, 0, 4, 128, 4, 0, 0, 0])
+    cfg.update(dspark_block_size=5, dspark_target_layer_ids=[2, 3, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = from_hf_config(cfg)
+    names = [n for n, _ in tree_flatten(Model(a).parameters())]
+    assert a.n_mtp_layers == 0 and not any(n.startswith("mtp.") for n in names)
