@@ -38,8 +38,8 @@ from mlx_dsv4.checkpoint import convert
 t = time.perf_counter()
 convert({src!r}, {dst!r}, quant_mode={mode!r}, progress=False, overwrite=True)
 dt = time.perf_counter() - t
-# Linux: VmHWM of this (exec'd) address space. ru_maxrss would also count the parent's RSS at
-# fork time (Linux keeps the pre-exec high-water mark), so a large test runner inflates it.
+# Linux: VmHWM of this (exec'd) address space. ru_maxrss would carry the parent's lifetime peak
+# (Python spawns with vfork and Linux keeps the pre-exec high-water mark across exec).
 try:
     peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 2**10
 except OSError:
