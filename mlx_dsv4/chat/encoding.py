@@ -1,6 +1,6 @@
 """encode_messages: OpenAI-style messages -> the exact DeepSeek-V4 prompt string.
 
-Reproduces the official encoder (checked byte for byte against golden vectors produced by it).
+Reproduces DeepSeek's official encoder byte for byte (checked against golden vectors it produced).
 Three reasoning modes: "chat" (the answer starts after `<｜Assistant｜></think>`), "thinking"
 (after `<｜Assistant｜><think>`), and "thinking" with reasoning_effort "max" (a fixed paragraph
 right after BOS). Tool calls use the DSML block; tool results fold into the next user turn.
@@ -8,15 +8,26 @@ right after BOS). Tool calls use the DSML block; tool results fold into the next
 
 from __future__ import annotations
 
-import copy
 import json
 
-from .tokens import (ASSISTANT, BOS, DSML, EOS, LATEST_REMINDER, THINK_END, THINK_START, TOOL_CALLS_END,
-                     TOOL_CALLS_START, USER)
+from .tokens import (
+    ASSISTANT,
+    BOS,
+    DSML,
+    EOS,
+    LATEST_REMINDER,
+    TASK_TOKENS,
+    THINK_END,
+    THINK_START,
+    TOOL_CALLS_END,
+    TOOL_CALLS_START,
+    USER,
+)
 
 ROLES = ("system", "user", "assistant", "tool", "developer", "latest_reminder")
 THINKING_MODES = ("chat", "thinking")
-EFFORTS = (None, "high", "max")
+REASONING_EFFORTS = (None, "high", "max")
+USER_TASKS = ("action", "query", "authority", "domain", "read_url")  # "title" goes on an assistant turn
 
 MAX_EFFORT_PREFIX = (
     "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
@@ -54,126 +65,142 @@ Otherwise, output directly after </think> with tool calls or final response.
 You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.
 """
 
-RESPONSE_FORMAT_TEMPLATE = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n{schema}"
+RESPONSE_FORMAT_TEMPLATE = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
 
 
 def _dumps(v) -> str:
+    # Python's json defaults are part of the format: ", " / ": " separators, 2.5, 1e-07, exact big ints.
     return json.dumps(v, ensure_ascii=False)
 
 
-def render_tools(tools: list) -> str:
+def render_tools(tools: list, where: str = "tools") -> str:
+    """The "## Tools" block: the fixed instructions plus one JSON schema (the function object) a line."""
+    if not isinstance(tools, list):
+        raise ValueError(f"{where} must be a list, got {type(tools).__name__}")
     schemas = []
-    for t in tools:
-        if not isinstance(t, dict):
-            raise ValueError(f"each tool must be an object, got {type(t).__name__}")
-        fn = t.get("function", t) if t.get("type", "function") == "function" else t
-        if not isinstance(fn, dict) or "name" not in fn:
-            raise ValueError(f"tool without a function name: {t!r}")
+    for i, t in enumerate(tools):
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"{where}[{i}] must be a function schema with a 'name', got {t!r}")
         schemas.append(_dumps(fn))
     return TOOLS_TEMPLATE.replace("{schemas}", "\n".join(schemas))
 
 
-def render_tool_calls(tool_calls: list) -> str:
+def _call_arguments(raw, where: str) -> dict:
+    """The arguments object of one call; text that is not JSON becomes one string parameter."""
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, str):
+        raise ValueError(f"{where}.function.arguments must be a JSON string, got {type(raw).__name__}")
+    try:
+        args = json.loads(raw)
+    except json.JSONDecodeError:
+        return {"arguments": raw}
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}.function.arguments must encode a JSON object, got {raw!r}")
+    return args
+
+
+def render_tool_calls(tool_calls: list, where: str = "tool_calls") -> str:
+    """The DSML block an assistant turn writes for its calls (from "\\n\\n<｜DSML｜tool_calls>" on)."""
+    if not isinstance(tool_calls, list):
+        raise ValueError(f"{where} must be a list, got {type(tool_calls).__name__}")
     invokes = []
     for i, call in enumerate(tool_calls):
+        w = f"{where}[{i}]"
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ValueError(f"tool_calls[{i}] needs function.name")
-        raw = fn.get("arguments", "{}")
-        if isinstance(raw, dict):
-            args = raw
-        else:
-            try:
-                args = json.loads(raw) if isinstance(raw, str) else None
-            except json.JSONDecodeError:
-                args = None
-            if not isinstance(args, dict):
-                args = None
-        if args is None:  # not a JSON object: pass the text through as one string parameter
-            params = [_param("arguments", raw if isinstance(raw, str) else _dumps(raw), True)]
-        else:
-            params = [_param(k, v, True) if isinstance(v, str) else _param(k, _dumps(v), False)
-                      for k, v in args.items()]
+            raise ValueError(f"{w} needs function.name: expected {{'type': 'function', 'function': "
+                             f"{{'name': str, 'arguments': JSON str}}}}, got {call!r}")
+        if call.get("type", "function") != "function":
+            raise ValueError(f"{w}: unsupported tool call type {call['type']!r}")
+        params = []
+        for k, v in _call_arguments(fn.get("arguments", "{}"), w).items():
+            kind, text = ("true", v) if isinstance(v, str) else ("false", _dumps(v))
+            params.append(f'<{DSML}parameter name="{k}" string="{kind}">{text}</{DSML}parameter>')
+        # A call without arguments still gets its (empty) parameter line.
         invokes.append(f'<{DSML}invoke name="{fn["name"]}">\n' + "\n".join(params) + f"\n</{DSML}invoke>")
     return TOOL_CALLS_START + "\n".join(invokes) + TOOL_CALLS_END
 
 
-def _param(name: str, value: str, is_string: bool) -> str:
-    flag = "true" if is_string else "false"
-    return f'<{DSML}parameter name="{name}" string="{flag}">{value}</{DSML}parameter>'
+def _text(content, where: str) -> str:
+    """Message content as text: a string, or a list of blocks whose non-text parts become placeholders."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise ValueError(f"{where}.content must be a string or a list of blocks, got {type(content).__name__}")
+    parts = []
+    for j, block in enumerate(content):
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
+            parts.append(block["text"])
+        elif isinstance(block, dict) and isinstance(block.get("type"), str):
+            parts.append(f"[Unsupported {block['type']}]")
+        else:
+            raise ValueError(f"{where}.content[{j}] must be a string or a block with a 'type', got {block!r}")
+    return "\n\n".join(parts)
 
 
-def _content_text(content, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for block in content:
-            if isinstance(block, str):
-                parts.append(block)
-            elif isinstance(block, dict) and block.get("type") == "text":
-                parts.append(block.get("text", ""))
-            elif isinstance(block, dict):
-                parts.append(f"[Unsupported {block.get('type')}]")
-            else:
-                raise ValueError(f"{where}: content blocks must be objects")
-        return "\n\n".join(parts)
-    raise ValueError(f"{where}: content must be a string or a list of blocks, got {type(content).__name__}")
+def _validate(messages, where: str) -> None:
+    if not isinstance(messages, list):
+        raise ValueError(f"{where} must be a list of messages, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        w = f"{where}[{i}]"
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"{w} must be an object with a 'role'")
+        role = m["role"]
+        if role not in ROLES:
+            raise ValueError(f"{w}: unknown role {role!r}; expected one of {ROLES}")
+        if role == "developer" and m.get("content") is None:
+            raise ValueError(f"{w}: a developer message needs content")
+        if role != "assistant" and m.get("tool_calls"):
+            raise ValueError(f"{w}: only assistant messages carry tool_calls, not {role!r}")
+        if role == "assistant" and m.get("tool_calls") is not None:
+            render_tool_calls(m["tool_calls"], f"{w}.tool_calls")  # validates every call
+        if m.get("tools"):
+            render_tools(m["tools"], f"{w}.tools")
+        if not isinstance(m.get("reasoning_content") or "", str):
+            raise ValueError(f"{w}.reasoning_content must be a string")
+        task = m.get("task")
+        allowed = ("title",) if role == "assistant" else USER_TASKS if role == "user" else ()
+        if task is not None and task not in allowed:
+            raise ValueError(f"{w}: task {task!r} is not valid on a {role} message; expected one of {allowed}")
+        _text(m.get("content"), w)
 
 
-def _merge_tool_results(messages: list[dict]) -> list[dict]:
-    """Fold role-"tool" messages (and a user message right after them) into single user turns,
-    with results in the order of the preceding assistant's tool calls; merge consecutive users."""
-    out: list[dict] = []
-    order: list[str] = []
+def _turns(messages: list[dict]) -> list[dict]:
+    """Group messages into rendered turns. Tool results become user turns; consecutive user turns
+    merge; within a turn, tool results follow the order of the preceding assistant's calls.
+    Each turn records the span of message indices it came from."""
+    turns: list[dict] = []
+    call_order: list = []
     for i, m in enumerate(messages):
         role = m["role"]
         if role == "assistant":
-            order = [c.get("id") for c in (m.get("tool_calls") or []) if isinstance(c, dict)]
+            call_order = [c.get("id") for c in m.get("tool_calls") or []]
+        if role not in ("user", "tool"):
+            turns.append({"role": role, "msg": m, "first": i, "last": i})
+            continue
+        if turns and turns[-1]["role"] == "user":
+            turn = turns[-1]
+        else:
+            turn = {"role": "user", "parts": [], "task": None, "order": call_order, "first": i}
+            turns.append(turn)
+        text = _text(m.get("content"), f"messages[{i}]")
         if role == "tool":
-            block = {"id": m.get("tool_call_id"), "text": _content_text(m.get("content"), f"messages[{i}]")}
-            if out and out[-1]["role"] == "user" and "_results" in out[-1] and "_text" not in out[-1]:
-                out[-1]["_results"].append(block)
-            else:
-                out.append({"role": "user", "_results": [block], "_order": order})
-            continue
-        if role == "user":
-            text = _content_text(m.get("content"), f"messages[{i}]")
-            if out and out[-1]["role"] == "user" and out[-1].get("_mergeable", True):
-                prev = out[-1]
-                prev["_text"] = prev["_text"] + "\n\n" + text if "_text" in prev else text
-                continue
-            out.append({**m, "role": "user", "_text": text})
-            continue
-        out.append(m)
-    for m in out:
-        if "_results" in m:
-            ids = m.pop("_order")
-            rank = {cid: k for k, cid in enumerate(ids)}
-            res = sorted(m.pop("_results"), key=lambda b: rank.get(b["id"], len(rank)))
-            text = "\n\n".join(f"<tool_result>{b['text']}</tool_result>" for b in res)
-            m["_text"] = text + ("\n\n" + m["_text"] if "_text" in m else "")
-    return out
-
-
-def _validate(messages, thinking_mode, reasoning_effort):
-    if thinking_mode not in THINKING_MODES:
-        raise ValueError(f"thinking_mode must be one of {THINKING_MODES}, got {thinking_mode!r}")
-    if reasoning_effort not in EFFORTS:
-        raise ValueError(f"reasoning_effort must be one of {EFFORTS}, got {reasoning_effort!r}")
-    if not isinstance(messages, list):
-        raise ValueError("messages must be a list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise ValueError(f"messages[{i}] must be an object with a 'role'")
-        if m["role"] not in ROLES:
-            raise ValueError(f"messages[{i}]: unknown role {m['role']!r}; expected one of {ROLES}")
-        if m["role"] == "developer" and not m.get("content"):
-            raise ValueError(f"messages[{i}]: a developer message needs content")
-        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
-            raise ValueError(f"messages[{i}]: tool_calls must be a list")
+            turn["parts"].append(("result", m.get("tool_call_id"), f"<tool_result>{text}</tool_result>"))
+        else:
+            turn["parts"].append(("text", None, text))
+            turn["task"] = m.get("task") or turn["task"]
+        turn["last"] = i
+    for t in turns:
+        if t["role"] == "user":
+            rank = {cid: k for k, cid in enumerate(t.pop("order"))}
+            results = sorted((p for p in t["parts"] if p[0] == "result"), key=lambda p: rank.get(p[1], len(rank)))
+            it = iter(results)  # results take the slots results held, in call order
+            t["text"] = "\n\n".join(next(it)[2] if p[0] == "result" else p[2] for p in t["parts"])
+    return turns
 
 
 def encode_messages(messages: list[dict], thinking_mode: str = "chat", reasoning_effort: str | None = None,
@@ -181,53 +208,73 @@ def encode_messages(messages: list[dict], thinking_mode: str = "chat", reasoning
                     add_default_bos_token: bool = True) -> str:
     """The prompt string (special tokens as text; tokenize it with add_special_tokens=False).
 
-    `context` holds earlier messages already encoded (their text is not re-emitted and no BOS is added)."""
-    _validate(messages, thinking_mode, reasoning_effort)
+    `context`: earlier messages of the same conversation, already encoded. They shape this
+    rendering (tool-call order, which turn is the last user turn) but are not emitted again, and
+    no BOS is added. A message may not continue a turn that started in the context.
+    """
+    if thinking_mode not in THINKING_MODES:
+        raise ValueError(f"thinking_mode must be one of {THINKING_MODES}, got {thinking_mode!r}")
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise ValueError(f"reasoning_effort must be one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
     context = context or []
-    _validate(context, thinking_mode, reasoning_effort)
-    full = copy.deepcopy(context) + copy.deepcopy(messages)
+    _validate(context, "context")
+    _validate(messages, "messages")
+    full = context + messages
     thinking = thinking_mode == "thinking"
     if any(m.get("tools") for m in full):
-        drop_thinking = False
-    merged = _merge_tool_results(full)
-    n_ctx = len(_merge_tool_results(copy.deepcopy(context))) if context else 0
-    last_user = max((i for i, m in enumerate(merged) if m["role"] in ("user", "developer")), default=-1)
+        drop_thinking = False  # tool-using conversations keep every turn's reasoning
     drop = thinking and drop_thinking
 
-    parts = []
-    if add_default_bos_token and not context:
-        parts.append(BOS)
+    turns = _turns(full)
+    n_ctx = len(context)
+    if any(t["first"] < n_ctx <= t["last"] for t in turns):
+        raise ValueError("messages[0] continues the last turn of the context; move it into the context or "
+                         "start a new turn")
+    last_user = max((k for k, t in enumerate(turns) if t["role"] in ("user", "developer")), default=-1)
+    if drop:  # earlier developer turns go, as if never sent (their neighbours then meet)
+        turns = [t for k, t in enumerate(turns) if t["role"] != "developer" or k >= last_user]
+        last_user = max((k for k, t in enumerate(turns) if t["role"] in ("user", "developer")), default=-1)
+
+    out = []
+    if not context:
+        out.append(BOS if add_default_bos_token else "")
         if thinking and reasoning_effort == "max":
-            parts.append(MAX_EFFORT_PREFIX)
-    for i, m in enumerate(merged):
-        role = m["role"]
-        if drop and role == "developer" and i < last_user:
-            continue
+            out.append(MAX_EFFORT_PREFIX)
+    for k, t in enumerate(turns):
+        role, m = t["role"], t.get("msg", {})
         if role == "system":
-            text = _content_text(m.get("content"), f"messages[{i}]")
-        elif role in ("user", "developer"):
-            text = USER + (m["_text"] if "_text" in m else _content_text(m.get("content"), f"messages[{i}]"))
+            text = _text(m.get("content"), "system")
+        elif role == "user":
+            text = USER + t["text"]
+        elif role == "developer":
+            text = USER + _text(m.get("content"), "developer")
         elif role == "latest_reminder":
-            text = LATEST_REMINDER + _content_text(m.get("content"), f"messages[{i}]")
-        else:  # assistant
-            keep_reasoning = thinking and (not drop or i > last_user)
+            text = LATEST_REMINDER + _text(m.get("content"), "latest_reminder")
+        else:  # assistant; its <think> (if any) was written by the turn before
             text = ""
-            if keep_reasoning:
+            if thinking and (not drop or k > last_user):
                 text += (m.get("reasoning_content") or "") + THINK_END
-            text += _content_text(m.get("content"), f"messages[{i}]")
+            text += _text(m.get("content"), "assistant")
             if m.get("tool_calls"):
                 text += render_tool_calls(m["tool_calls"])
             text += EOS
+            if m.get("task") == "title":
+                text += TASK_TOKENS["title"]
         if role in ("system", "developer"):
             if m.get("tools"):
                 text += "\n\n" + render_tools(m["tools"])
             if m.get("response_format") is not None:
-                text += "\n\n" + RESPONSE_FORMAT_TEMPLATE.format(schema=_dumps(m["response_format"]))
+                text += "\n\n" + RESPONSE_FORMAT_TEMPLATE + _dumps(m["response_format"])
         if role in ("user", "developer"):
-            nxt = merged[i + 1]["role"] if i + 1 < len(merged) else None
-            if nxt in (None, "assistant", "latest_reminder"):
-                opens_thinking = thinking and (not drop or i >= last_user)
-                text += ASSISTANT + (THINK_START if opens_thinking else THINK_END)
-        if i >= n_ctx:
-            parts.append(text)
-    return "".join(parts)
+            task = t.get("task") if role == "user" else None
+            nxt = turns[k + 1]["role"] if k + 1 < len(turns) else None
+            if task in TASK_TOKENS and task != "action":
+                text += TASK_TOKENS[task]  # the classifier answers right after its token
+            elif nxt in (None, "assistant", "latest_reminder"):
+                opens = thinking and (not drop or k >= last_user)
+                text += ASSISTANT + (THINK_START if opens else THINK_END)
+                if task == "action":
+                    text += TASK_TOKENS["action"]
+        if t["first"] >= n_ctx:
+            out.append(text)
+    return "".join(out)

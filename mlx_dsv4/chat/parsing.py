@@ -1,9 +1,16 @@
 """parse_completion: the model's completion text -> an OpenAI-style assistant message.
 
-Strict, like the official parser: in thinking mode the reasoning must end with </think> before
-anything else; content runs to EOS or to the DSML tool-call block; the block is parsed exactly
-(`>\\n` separators, a string="true|false" attribute, no duplicate parameters) and only EOS may
-follow it; no special token may leak into content or reasoning.
+Strict, like the official parser, which reads the text as a sequence of "everything up to the
+next marker" steps:
+- thinking mode: the reasoning runs to `</think>`, which must come before any tool block;
+- the content runs to EOS or to the tool block opener `\\n\\n<｜DSML｜tool_calls`;
+- the block is read marker by marker, and the text between two markers must be exactly what
+  the encoder writes there (`>\\n`), a name line `name="..."`, or a parameter
+  ` name="..." string="true|false">VALUE<`; parameter names may not repeat;
+- only EOS may follow `</｜DSML｜tool_calls>` (a block may also end the text);
+- nothing may follow EOS, and no special token may appear in the content or the reasoning.
+A text that stops before EOS (or before the end of its tool block) is malformed here; the
+streaming parser is the one that tolerates truncated generations.
 """
 
 from __future__ import annotations
@@ -11,97 +18,108 @@ from __future__ import annotations
 import json
 import re
 
-from .tokens import DSML, EOS, FORBIDDEN_IN_TEXT, THINK_END, TOOL_CALLS_END
+from .tokens import BLOCK_END, EOS, FORBIDDEN_IN_TEXT, INVOKE, INVOKE_END, PARAM, PARAM_END, THINK_END, TOOL_BLOCK_OPEN
 
-TOOL_BLOCK_OPEN = f"\n\n<{DSML}tool_calls"
-_INVOKE = re.compile(rf'<{DSML}invoke name="([^"\n]*)">\n')
-_PARAM = re.compile(rf'<{DSML}parameter name="([^"\n]*)" string="(true|false)">')
-_PARAM_END = f"</{DSML}parameter>"
-_INVOKE_END = f"</{DSML}invoke>"
+THINKING_MODES = ("chat", "thinking")
+# What may sit between markers. DOTALL and lazy names: the name ends at the first `">` that
+# completes the line (an empty line after it is the encoder's zero-argument invoke).
+NAME_LINE = re.compile(r'\s*name="(.*?)">\n\n?', re.DOTALL)
+PARAM_BODY = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<', re.DOTALL)
+SEP = ">\n"
 
 
 class ChatFormatError(ValueError):
     """Completion text that does not follow the DeepSeek-V4 output format."""
 
 
-def _check_clean(text: str, what: str) -> None:
-    for tok in FORBIDDEN_IN_TEXT:
-        if tok in text:
-            raise ChatFormatError(f"special token {tok!r} inside {what}")
+def check_mode(thinking_mode: str) -> None:
+    if thinking_mode not in THINKING_MODES:
+        raise ValueError(f"thinking_mode must be one of {THINKING_MODES}, got {thinking_mode!r}")
 
 
-def parse_tool_calls(block: str) -> list[dict]:
-    """Parse the invokes of a block that starts right after `<｜DSML｜tool_calls>\\n`."""
-    calls, pos = [], 0
-    while True:
-        m = _INVOKE.match(block, pos)
-        if not m:
-            raise ChatFormatError(f"expected an invoke at offset {pos}: {block[pos:pos + 40]!r}")
-        name, pos = m[1], m.end()
-        args: dict[str, str] = {}
-        if block.startswith("\n" + _INVOKE_END, pos):  # zero parameters: one empty line
-            pos += 1
-        else:
-            while True:
-                p = _PARAM.match(block, pos)
-                if not p:
-                    raise ChatFormatError(f"invoke {name!r}: malformed parameter at {block[pos:pos + 50]!r}")
-                end = block.find(_PARAM_END, p.end())
-                if end < 0:
-                    raise ChatFormatError(f"invoke {name!r}: parameter {p[1]!r} is not closed")
-                if p[1] in args:
-                    raise ChatFormatError(f"invoke {name!r}: duplicate parameter {p[1]!r}")
-                value = block[p.end() : end]
-                args[p[1]] = json.dumps(value, ensure_ascii=False) if p[2] == "true" else value
-                pos = end + len(_PARAM_END)
-                if not block.startswith("\n", pos):
-                    raise ChatFormatError(f"invoke {name!r}: expected a newline after parameter {p[1]!r}")
-                pos += 1
-                if block.startswith(_INVOKE_END, pos):
-                    break
-        if not block.startswith(_INVOKE_END, pos):
-            raise ChatFormatError(f"invoke {name!r} is not closed")
-        pos += len(_INVOKE_END)
-        arguments = "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {v}" for k, v in args.items()) + "}"
-        calls.append({"type": "function", "function": {"name": name, "arguments": arguments}})
-        if block.startswith(TOOL_CALLS_END, pos):
-            return calls, pos + len(TOOL_CALLS_END)
-        if not block.startswith("\n", pos):
-            raise ChatFormatError(f"expected a newline or the end of the tool block after invoke {name!r}")
-        pos += 1
+def arguments_json(args: list[tuple[str, str, bool]]) -> str:
+    """OpenAI `arguments` from (name, value, is_string) triples: string values are JSON-quoted,
+    the others go in verbatim (the model wrote them as JSON; they are not validated)."""
+    items = (f"{_q(k)}: {_q(v) if is_str else v}" for k, v, is_str in args)
+    return "{" + ", ".join(items) + "}"
+
+
+def _q(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+class _Reader:
+    def __init__(self, text: str):
+        self.text, self.pos = text, 0
+
+    def until(self, *stops: str) -> tuple[str, str | None]:
+        """Text up to the earliest stop, and that stop (consumed); (rest, None) if none occurs."""
+        hits = [(i, s) for s in stops if (i := self.text.find(s, self.pos)) >= 0]
+        if not hits:
+            chunk, self.pos = self.text[self.pos :], len(self.text)
+            return chunk, None
+        i, stop = min(hits)
+        chunk, self.pos = self.text[self.pos : i], i + len(stop)
+        return chunk, stop
+
+    def expect_sep(self, *stops: str) -> str:
+        sep, stop = self.until(*stops)
+        if sep != SEP or stop is None:
+            raise ChatFormatError(f"tool block: expected '>\\n' then one of {stops}, got {sep[:40]!r}")
+        return stop
+
+
+def _tool_block(r: _Reader) -> list[dict]:
+    """The calls of a block whose opener `\\n\\n<｜DSML｜tool_calls` was just read."""
+    calls = []
+    stop = r.expect_sep(INVOKE, BLOCK_END)
+    while stop == INVOKE:
+        line, stop = r.until(PARAM, INVOKE_END)
+        name = NAME_LINE.fullmatch(line)
+        if stop is None or not name:
+            raise ChatFormatError(f"tool block: malformed invoke line {line[:60]!r}")
+        args: list[tuple[str, str, bool]] = []
+        while stop == PARAM:
+            body, stop = r.until(PARAM_END)
+            p = PARAM_BODY.fullmatch(body)
+            if stop is None or not p:
+                raise ChatFormatError(f"invoke {name[1]!r}: malformed parameter {body[:60]!r}")
+            if any(k == p[1] for k, _, _ in args):
+                raise ChatFormatError(f"invoke {name[1]!r}: duplicate parameter {p[1]!r}")
+            args.append((p[1], p[3], p[2] == "true"))
+            stop = r.expect_sep(PARAM, INVOKE_END)
+        calls.append({"type": "function", "function": {"name": name[1], "arguments": arguments_json(args)}})
+        stop = r.expect_sep(INVOKE, BLOCK_END)
+    return calls
 
 
 def parse_completion(text: str, thinking_mode: str = "chat") -> dict:
-    if thinking_mode not in ("chat", "thinking"):
-        raise ValueError(f"thinking_mode must be 'chat' or 'thinking', got {thinking_mode!r}")
+    """{"role": "assistant", "content", "reasoning_content", "tool_calls"} from a completion that
+    includes its EOS; raises ChatFormatError (a ValueError) on anything malformed."""
+    check_mode(thinking_mode)
     if not isinstance(text, str):
-        raise ChatFormatError("completion must be a string")
-    reasoning, rest = "", text
+        raise ChatFormatError(f"the completion must be a string, got {type(text).__name__}")
+    r = _Reader(text)
+    reasoning = ""
     if thinking_mode == "thinking":
-        end = text.find(THINK_END)
-        block = text.find(TOOL_BLOCK_OPEN)
-        if end < 0:
-            raise ChatFormatError("thinking mode: the reasoning is not closed with </think>")
-        if 0 <= block < end:
+        reasoning, stop = r.until(THINK_END, TOOL_BLOCK_OPEN)
+        if stop is None:
+            raise ChatFormatError("thinking mode: the reasoning is never closed with </think>")
+        if stop != THINK_END:
             raise ChatFormatError("thinking mode: a tool-call block starts before </think>")
-        reasoning, rest = text[:end], text[end + len(THINK_END) :]
-    eos, block = rest.find(EOS), rest.find(TOOL_BLOCK_OPEN)
-    tool_calls: list[dict] = []
-    if block >= 0 and (eos < 0 or block < eos):
-        content = rest[:block]
-        after = rest[block + len(TOOL_BLOCK_OPEN) :]
-        if not after.startswith(">\n"):
-            raise ChatFormatError("malformed tool-call block opening")
-        tool_calls, used = parse_tool_calls(after[2:])
-        tail = after[2 + used :]
-        if tail not in ("", EOS):
-            raise ChatFormatError(f"unexpected text after the tool-call block: {tail[:40]!r}")
-    elif eos >= 0:
-        content = rest[:eos]
-        if rest[eos + len(EOS) :]:
-            raise ChatFormatError(f"text after the end-of-sentence token: {rest[eos + len(EOS):][:40]!r}")
-    else:
+    content, stop = r.until(EOS, TOOL_BLOCK_OPEN)
+    if stop is None:
         raise ChatFormatError("the completion ends without an end-of-sentence token or a tool-call block")
-    _check_clean(content, "content")
-    _check_clean(reasoning, "reasoning")
+    tool_calls = []
+    if stop == TOOL_BLOCK_OPEN:
+        tool_calls = _tool_block(r)
+        tail, _ = r.until(EOS)
+        if tail:
+            raise ChatFormatError(f"unexpected text after the tool-call block: {tail[:40]!r}")
+    if r.pos != len(text):
+        raise ChatFormatError(f"text after the end-of-sentence token: {text[r.pos:r.pos + 40]!r}")
+    for what, s in (("content", content), ("reasoning", reasoning)):
+        for tok in FORBIDDEN_IN_TEXT:
+            if tok in s:
+                raise ChatFormatError(f"special token {tok!r} inside the {what}")
     return {"role": "assistant", "content": content, "reasoning_content": reasoning, "tool_calls": tool_calls}
