@@ -245,7 +245,18 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8080,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="MLX_DSV4_API_KEY",
-                                                   help="require this bearer key (or x-api-key)")] = None,
+                                                help="require this bearer key (or x-api-key)")] = None,
+    thinking: Annotated[bool, typer.Option("--thinking/--no-thinking",
+                                           help="default reasoning mode of requests that do not say")] = False,
+    max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", min=1,
+                                                  help="most tokens one request may generate")] = 65536,
+    max_context: Annotated[int | None, typer.Option("--max-context", min=1,
+                                                    help="refuse longer prompts (default: the model's)")] = None,
+    prefix_cache_entries: Annotated[int, typer.Option("--prefix-cache-entries", min=0,
+                                                      help="prompt caches kept for reuse")] = 8,
+    prefix_cache_gb: Annotated[float, typer.Option("--prefix-cache-gb", min=0.0,
+                                                   help="memory the kept prompt caches may use")] = 4.0,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level")] = "info",
 ):
     """OpenAI- and Anthropic-compatible HTTP server."""
 
@@ -254,7 +265,9 @@ def serve(
             from .server.app import serve as do_serve
         except ImportError as e:
             fail(f"the server is not available in this installation ({e})")
-        do_serve(model, host, port, api_key)
+        do_serve(model, host, port, api_key, max_tokens_limit=max_tokens_limit, max_context=max_context,
+                 default_thinking=thinking, prefix_cache_entries=prefix_cache_entries,
+                 prefix_cache_bytes=int(prefix_cache_gb * 2**30), log_level=log_level)
 
     run_guarded(run)
 
