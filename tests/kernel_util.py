@@ -1,0 +1,40 @@
+"""Helpers shared by the Metal-kernel tests (CPU harness)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mlx_dsv4.kernels.registry import KernelSpec, parse_spec
+from mlx_dsv4.kernels.sim import MetalSimError, compiler
+
+needs_cxx = pytest.mark.skipif(compiler() is None, reason="the CPU harness needs a C++ compiler (g++)")
+
+
+def spec(source: str, inputs: str, outputs: str, *, header: str = "", template: str = "", name: str = "t",
+         **flags: str) -> KernelSpec:
+    """A KernelSpec from a bare body, written through the .metal convention (so the parser is used)."""
+    lines = [f"// @kernel {name}", f"// @inputs {inputs}", f"// @outputs {outputs}"]
+    lines += [f"// @template {template}"] if template else []
+    lines += [f"// @{k} {v}" for k, v in flags.items()]
+    text = "\n".join(lines) + "\n\n" + (f"// @header\n{header}\n" if header else "") + f"// @source\n{source}\n"
+    return parse_spec(text, path=f"<test:{name}>", name=name)
+
+
+def variant(base: KernelSpec, old: str, new: str, section: str = "source") -> KernelSpec:
+    """A deliberately broken copy: `old` must occur exactly once in the section (so the edit is real)."""
+    text = getattr(base, section)
+    assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times in the {section}"
+    return dataclasses.replace(base, **{section: text.replace(old, new)})
+
+
+def assert_caught(run, matches) -> str:
+    """A broken kernel is caught if the harness stops it (fault, race, divergence) or its output
+    fails the check `matches(outputs) -> bool`. Returns how it was caught."""
+    try:
+        outs = run()
+    except MetalSimError as e:
+        return f"harness: {e}"
+    assert not matches(outs), "the broken kernel was not caught: its output passes the reference check"
+    return "mismatch"

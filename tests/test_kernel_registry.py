@@ -1,0 +1,83 @@
+"""The .metal file convention, kernel lookup, and the dispatch rule."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_dsv4.kernels import registry
+from mlx_dsv4.kernels.registry import KernelSpecError, available_kernels, kernel_dir, load_spec, parse_spec
+
+GOOD = """// A test kernel.
+//
+// @kernel      demo
+// @inputs      x: float[N]; n: int32[]
+// @outputs     y: float[N]
+// @template    T: type; K: int; FLAG: bool
+// @row_contiguous false
+// @grid        (N, 1, 1)
+// @long-note   first line
+//              continued here
+//
+// @header
+inline float twice(float v) { return 2.0f * v; }
+
+// @source
+uint i = thread_position_in_grid.x;
+y[i] = twice(x[i]);
+"""
+
+
+def test_parse_all_fields():
+    s = parse_spec(GOOD, "demo.metal", "demo")
+    assert (s.name, s.inputs, s.outputs) == ("demo", ("x", "n"), ("y",))
+    assert s.template == (("T", "type"), ("K", "int"), ("FLAG", "bool"))
+    assert not s.ensure_row_contiguous and not s.atomic_outputs
+    assert s.header == "inline float twice(float v) { return 2.0f * v; }\n"
+    assert s.source == "uint i = thread_position_in_grid.x;\ny[i] = twice(x[i]);\n"
+    assert (s.header_line, s.source_line) == (13, 16)
+    assert s.doc == {"grid": "(N, 1, 1)", "long-note": "first line continued here"}
+    # template values come back in declared order, checked by kind
+    assert s.template_args({"FLAG": True, "K": 3, "T": mx.float16}) == [("T", mx.float16), ("K", 3), ("FLAG", True)]
+    for bad in ({"T": mx.float16, "K": True, "FLAG": True}, {"T": 3, "K": 3, "FLAG": True}, {"T": mx.float16}):
+        with pytest.raises(ValueError, match="demo"):
+            s.template_args(bad)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.replace("// @kernel      demo\n", ""), "missing @kernel"),
+    (lambda t: t.replace("// @source\n", ""), "no '// @source' marker"),
+    (lambda t: t.replace("@kernel      demo", "@kernel      other"), "equal to the file name"),
+    (lambda t: t.replace("K: int", "K: float"), "@template entry 'K: float'"),
+    (lambda t: t.replace("y: float[N]", "x: float[N]"), "names used twice: \\['x'\\]"),
+    (lambda t: t.replace("@row_contiguous false", "@row_contiguous maybe"), "must be true or false"),
+    (lambda t: t.replace("// @header\n", "// @header\n// @kernel x\n// @header\n"), "appears twice"),
+    (lambda t: t.replace("\n// @header", "\nfloat stray;\n// @header"), "code before the '// @source' marker"),
+    (lambda t: t.replace("@inputs      x: float[N]; n: int32[]", "@inputs      2x: float"), "not an identifier"),
+])
+def test_malformed_files_name_the_problem(edit, message):
+    with pytest.raises(KernelSpecError, match=message):
+        parse_spec(edit(GOOD), "demo.metal", "demo")
+
+
+def test_shipped_kernels_load_from_the_checkout():
+    assert kernel_dir().name == "metal_kernels"
+    assert {"sinkhorn_split", "indexer_score"} <= set(available_kernels())
+    assert load_spec("sinkhorn_split").template == (("ITERS", "int"),)
+    with pytest.raises(KernelSpecError, match="no kernel 'nope'"):
+        load_spec("nope")
+
+
+@pytest.mark.parametrize("metal,env,expected", [(True, None, True), (True, "1", False), (True, "0", True),
+                                                (False, None, False), (False, "0", False)])
+def test_use_kernels_rule(monkeypatch, metal, env, expected):
+    monkeypatch.setattr(registry, "metal_available", lambda: metal)
+    if env is None:
+        monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(registry.REFERENCE_ENV, env)
+    assert registry.use_kernels() is expected
+
+
+@pytest.mark.skipif(mx.metal.is_available(), reason="checks the non-Metal path")
+def test_kernel_objects_need_metal():
+    with pytest.raises(RuntimeError, match="Metal is not available"):
+        registry.get_kernel("sinkhorn_split")
