@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import CompressorState
+from .kernels.compressor_pool import compressor_pool
 from .norm import RMSNorm
 from .rope import apply_rope, cos_sin
 
@@ -58,12 +59,11 @@ class Compressor(nn.Module):
             return mx.zeros((B, 0, D), dtype=mx.float32), first
         wa = a[:, : n * m].reshape(B, n, m, -1)
         wg = g[:, : n * m].reshape(B, n, m, -1)
+        prev = (None, None)
         if self.overlap:
             prev = (state.prev_kv, state.prev_gate)
             state.prev_kv, state.prev_gate = wa[:, -1, :, :D], wg[:, -1, :, :D]
-            wa, wg = overlap_slots(wa, wg, *prev, D)
-        c = (mx.softmax(wg, axis=2, precise=True) * wa).sum(axis=2)
-        return c, first
+        return compressor_pool(wa, wg, *prev, self.overlap), first
 
     def __call__(self, x, start, state, freqs, dtype, finish) -> mx.array:
         """Pooled, normalised, rotated and format-rounded entries [B, n, out_dim] in `dtype`."""
@@ -75,17 +75,3 @@ class Compressor(nn.Module):
         cos, sin = cos_sin(mx.arange(first, first + n) * self.ratio, freqs)
         return finish(apply_rope(c, cos, sin))
 
-
-def overlap_slots(wa, wg, prev_a, prev_g, D: int):
-    """[B, n, m, 2D] windows -> [B, n, 2m, D] slots: window j-1's first half, then window j's second.
-
-    prev_a / prev_g [B, m, D] are the first halves of the window before this call's first one
-    (None before entry 0: a = 0, g = -inf, i.e. softmax weight 0).
-    """
-    B, _, m, _ = wa.shape
-    if prev_a is None:
-        prev_a = mx.zeros((B, m, D), dtype=wa.dtype)
-        prev_g = mx.full((B, m, D), -mx.inf, dtype=wg.dtype)
-    pa = mx.concatenate([prev_a[:, None], wa[:, :-1, :, :D]], axis=1)
-    pg = mx.concatenate([prev_g[:, None], wg[:, :-1, :, :D]], axis=1)
-    return mx.concatenate([pa, wa[..., D:]], axis=2), mx.concatenate([pg, wg[..., D:]], axis=2)

@@ -13,18 +13,17 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .compressor import Compressor
+from .kernels.indexer_score import indexer_score
 from .rope import apply_rope, cos_sin
 
 _SCORE_BUDGET = 1 << 20  # elements of the [Lb, H, Nb] score block kept live at once
 
 
 def index_scores(q: mx.array, k: mx.array, w: mx.array, start: int, ratio: int) -> mx.array:
-    """q [B, L, H, Dk], k [B, N, Dk], w [B, L, H] -> causal scores [B, L, N] (float32, -inf masked)."""
-    kT = mx.swapaxes(k.astype(mx.float32), -1, -2)[:, None]  # [B, 1, Dk, N]
-    sc = mx.maximum(q.astype(mx.float32) @ kT, 0.0)  # [B, L, H, N]
-    sc = (w[..., None].astype(mx.float32) * sc).sum(axis=2)
-    visible = (mx.arange(start, start + q.shape[1]) + 1) // ratio
-    return mx.where(mx.arange(k.shape[1])[None, :] < visible[:, None], sc, -mx.inf)
+    """q [B, L, H, Dk], k [B, N, Dk], w [B, L, H] -> causal scores [B, L, N] (float32, -inf masked).
+
+    One Metal kernel on a Mac, the pure-MLX reference elsewhere (kernels/indexer_score.py)."""
+    return indexer_score(q, k, w, start, ratio)
 
 
 def top_k_visible(scores: mx.array, k: int, start: int, ratio: int) -> mx.array:

@@ -8,33 +8,18 @@ The mixing is X'_k = post_k * y + sum_j comb[j, k] * X_j: comb is applied transp
 
 from __future__ import annotations
 
-import functools
-
 import mlx.core as mx
+
+from .kernels import mhc as kernels_mhc
 
 
 def sinkhorn_split(mix: mx.array, scale: mx.array, base: mx.array, hc: int, iters: int, eps: float):
     """mix [..., (2+hc)*hc] -> pre [..., hc], post [..., hc], comb [..., hc, hc] (float32).
 
-    Compiled per (hc, iters, eps): ~60 tiny elementwise ops fuse into a few kernels."""
-    return _compiled_split(hc, iters, eps)(mix, scale, base)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_split(hc: int, iters: int, eps: float):
-    return mx.compile(functools.partial(_split, hc=hc, iters=iters, eps=eps))
-
-
-def _split(mix: mx.array, scale: mx.array, base: mx.array, hc: int, iters: int, eps: float):
-    pre = mx.sigmoid(mix[..., :hc] * scale[0] + base[:hc]) + eps
-    post = 2 * mx.sigmoid(mix[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
-    c = mix[..., 2 * hc :] * scale[2] + base[2 * hc :]
-    c = mx.softmax(c.reshape(*c.shape[:-1], hc, hc), axis=-1, precise=True) + eps
-    c = c / (c.sum(axis=-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        c = c / (c.sum(axis=-1, keepdims=True) + eps)
-        c = c / (c.sum(axis=-2, keepdims=True) + eps)
-    return pre, post, c
+    One fused Metal kernel on a Mac, the compiled pure-MLX reference elsewhere (kernels/mhc.py)."""
+    if mix.shape[-1] != (2 + hc) * hc:
+        raise ValueError(f"sinkhorn_split: mix must end in (2+hc)*hc = {(2 + hc) * hc} for hc={hc}, got {mix.shape}")
+    return kernels_mhc.sinkhorn_split(mix, scale, base, iters, eps)
 
 
 def _mixes(X: mx.array, fn: mx.array, norm_eps: float) -> mx.array:

@@ -13,6 +13,14 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from .config import ModelArgs
+from .kernels import experts as expert_kernels
+from .kernels import registry
+
+# Rows (tokens x selected experts) from which the experts sort rows by expert, so MLX's gather_qmm
+# reads each expert's weights once for all its rows. Below it both paths read one expert matrix per
+# row; there the fused kernels (decode: N k = 6 per token) read the same bytes in 2 launches
+# instead of ~10, so they take over exactly where sorting does not pay.
+SORT_ROWS = 64
 
 
 def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
@@ -68,6 +76,13 @@ def _expert_mm(layer: nn.Module, x: mx.array, idx: mx.array, sorted_indices: boo
     return layer(x, idx, sorted_indices=sorted_indices)
 
 
+def _is_mxfp4(layer: nn.Module) -> bool:
+    """mlx-lm's QuantizedSwitchLinear in the layout the expert kernels read (no biases of any kind)."""
+    return (getattr(layer, "mode", None) == "mxfp4" and layer.group_size == 32 and layer.bits == 4
+            and getattr(layer, "biases", None) is None and getattr(layer, "global_scale", None) is None
+            and "bias" not in layer)
+
+
 class RoutedExperts(nn.Module):
     """All routed experts stacked: w1/w3 [E, inter, d], w2 [E, d, inter] (dense or quantized)."""
 
@@ -80,8 +95,12 @@ class RoutedExperts(nn.Module):
 
     def __call__(self, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
         """x [N, d], ids/weights [N, k] -> sum_e w_e * expert_e(x) [N, d] in float32."""
+        layers = (self.w1, self.w3, self.w2)
+        if ids.size < SORT_ROWS and registry.use_kernels() and all(_is_mxfp4(m) for m in layers):
+            w1, w3, w2 = ((m.weight, m.scales) for m in layers)
+            return expert_kernels.routed_experts(x, ids, weights, w1, w3, w2, self.limit)
         xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, d]
-        do_sort = ids.size >= 64  # group rows by expert so each expert's weights are read once
+        do_sort = ids.size >= SORT_ROWS  # group rows by expert so each expert's weights are read once
         idx, inv, wts = ids, None, weights
         if do_sort:
             xe, idx, inv = _gather_sort(xe, ids)

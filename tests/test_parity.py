@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mlx_dsv4.attention as attention
-import mlx_dsv4.compressor as compressor
+import mlx_dsv4.kernels.compressor_pool as compressor_pool
 import mlx_dsv4.indexer as indexer
 import mlx_dsv4.model as model_mod
 from oracle import hf_logits, hf_model
@@ -76,7 +76,7 @@ def _mask_after_topk(orig):
 
 BREAKS = {
     "inverse_rope": lambda mp: mp.setattr(attention, "apply_rope", _broken_inverse_rope(attention.apply_rope)),
-    "previous_ratio4_window": lambda mp: mp.setattr(compressor, "overlap_slots", _no_previous_window),
+    "previous_ratio4_window": lambda mp: mp.setattr(compressor_pool, "overlap_slots", _no_previous_window),
     "mhc_orientation": lambda mp: mp.setattr(model_mod, "hc_post", _untransposed_hc_post),
     "mask_after_topk": lambda mp: mp.setattr(indexer, "index_scores", _mask_after_topk(indexer.index_scores)),
 }
