@@ -15,61 +15,9 @@ from .cache import LayerCache
 from .compressor import Compressor
 from .config import ModelArgs
 from .indexer import Indexer
+from .kernels.attention import sparse_attention
 from .norm import RMSNorm, rms_norm
 from .rope import apply_rope, cos_sin, inv_freq
-
-_ATTN_BUDGET = 1 << 22  # elements of one query block's [B, H, Lb, keys] score tile
-
-
-def sparse_attention(q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale):
-    """Softmax-with-sink attention of q [B, L, H, D] (first query at position `start`) over
-    window rows [B, W, D] (first at position `win_start`) and compressed entries: with
-    comp_idx None, `comp` [B, N, D] holds them all and each query sees the causally complete
-    ones (HCA); otherwise `comp` is a row store (kvstore.Rows) and comp_idx [B, L, k] the
-    per-query selection (CSA, -1 = none), gathered per query block. Returns [B, L, H, D].
-    """
-    B, L, H, D = q.shape
-    W = window.shape[1]
-    N = 0 if comp is None else (comp.shape[1] if comp_idx is None else comp.n)
-    n_c = N if comp_idx is None else comp_idx.shape[-1]
-    # Blocks of about one window: a block of Lb queries reads Lb + window_size - 1 window rows,
-    # so larger blocks waste work on masked scores; the budget bounds memory for huge N.
-    step = max(1, min(L, window_size, _ATTN_BUDGET // max(1, B * H * (window_size + max(n_c, 1)))))
-    outs = []
-    for s in range(0, L, step):
-        e = min(L, s + step)
-        qb = mx.swapaxes(q[:, s:e], 1, 2).astype(mx.float32)  # [B, H, Lb, D]
-        t = mx.arange(start + s, start + e)[:, None]  # query positions [Lb, 1]
-        # Window rows that any query of this block can see.
-        lo = max(0, start + s - window_size + 1 - win_start)
-        hi = min(W, start + e - win_start)
-        wk = window[:, lo:hi].astype(mx.float32)  # [B, Wb, D]
-        p = mx.arange(win_start + lo, win_start + hi)[None, :]
-        wmask = (p <= t) & (p > t - window_size)
-        logits = [mx.where(wmask, (qb @ mx.swapaxes(wk, -1, -2)[:, None]) * scale, -mx.inf)]
-        gathered = None
-        if N and comp_idx is None:
-            ck = comp.astype(mx.float32)
-            cmask = mx.arange(N)[None, :] < (t + 1) // ratio
-            logits.append(mx.where(cmask, (qb @ mx.swapaxes(ck, -1, -2)[:, None]) * scale, -mx.inf))
-        elif N:
-            ids = comp_idx[:, s:e]  # [B, Lb, k]
-            gathered = comp.take(mx.maximum(ids, 0), mx.float32)  # [B, Lb, k, D], never [.., N, D]
-            sc = mx.swapaxes(q[:, s:e].astype(mx.float32) @ mx.swapaxes(gathered, -1, -2), 1, 2)
-            logits.append(mx.where((ids >= 0)[:, None], sc * scale, -mx.inf))  # [B, H, Lb, k]
-        z = mx.concatenate(logits, axis=-1) if len(logits) > 1 else logits[0]
-        m = mx.max(z, axis=-1, keepdims=True)  # the window always holds the query itself
-        ez = mx.exp(z - m)
-        denom = ez.sum(axis=-1, keepdims=True) + mx.exp(sink.astype(mx.float32)[None, :, None, None] - m)
-        prob = (ez / denom).astype(q.dtype).astype(mx.float32)  # the reference feeds PV in q.dtype
-        Wb = wk.shape[1]
-        o = prob[..., :Wb] @ wk[:, None]
-        if N and comp_idx is None:
-            o = o + prob[..., Wb:] @ ck[:, None]
-        elif N:
-            o = o + mx.swapaxes(mx.swapaxes(prob[..., Wb:], 1, 2) @ gathered, 1, 2)
-        outs.append(mx.swapaxes(o, 1, 2).astype(q.dtype))
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
 
 class Attention(nn.Module):
@@ -133,9 +81,9 @@ class Attention(nn.Module):
                 if idx is not None and idx.shape[-1] >= cache.n_compressed:
                     # top-k covers every entry: the selection is exactly the causal set, so the
                     # dense causal path gives the same result without per-query gathers
-                    comp, idx = cache.compressed, None
+                    idx = None
             else:
-                comp = cache.compressed
+                comp = cache.compressed_store  # read in place (kernels) or decoded once (reference)
 
         prev = cache.window
         win = kv if prev is None else mx.concatenate([prev, kv], axis=1)

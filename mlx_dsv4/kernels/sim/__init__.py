@@ -12,7 +12,8 @@ from .harness import (
     generated_source,
     run_metal_kernel_on_cpu,
 )
+from .dispatch import kernels_on_cpu
 from .source import mlx_source, translation_unit
 
-__all__ = ["CpuKernel", "MetalSimError", "SimCompileError", "SimRaceError", "compiler", "generated_source",
+__all__ = ["CpuKernel", "MetalSimError", "SimCompileError", "SimRaceError", "compiler", "generated_source", "kernels_on_cpu",
            "mlx_source", "run_metal_kernel_on_cpu", "translation_unit"]
