@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import functools
 import os
 import re
 import sys
@@ -24,10 +26,19 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+import mlx.nn as nn  # noqa: E402
+from mlx_lm.models.switch_layers import SwitchLinear  # noqa: E402
+from tinymodels import mlx_model, tokens  # noqa: E402
+
 from mlx_dsv4.cache import LayerCache  # noqa: E402
+from mlx_dsv4.kernels import registry  # noqa: E402
+
+NAMES = {0: "sliding (ratio 0)", 4: "CSA (ratio 4)", 128: "HCA (ratio 128)"}
+FLASH = {0: 2, 4: 21, 128: 20}  # layers of each type in V4-Flash
 
 VIEWS = {"Reshape", "Slice", "Broadcast", "Squeeze", "ExpandDims", "Transpose", "AsStrided", "StopGradient",
-         "Copy", "Depends"}
+         "Copy", "Depends", "Flatten", "Unflatten", "View float32", "View uint32", "View uint8", "View bfloat16",
+         "View float16", "View int32"}
 
 
 def _count(outputs) -> collections.Counter:
@@ -51,49 +62,90 @@ def layer_step_counts(block, cache: LayerCache, X, tok, qat) -> tuple[collection
         return [Y] + [v for _, v in tree_flatten(c.state) if isinstance(v, mx.array)]
 
     arrays = [flat[i][1] for i in idx]
-    eager = _count(step(X, tok, *arrays))
-    fused = _count(mx.compile(step)(X, tok, *arrays))
-    return eager, fused
+    return _counted(step, X, tok, *arrays), _counted(mx.compile(step), X, tok, *arrays)
+
+
+_KERNEL_CALLS = collections.Counter()
+
+
+def _counted(fn, *args) -> collections.Counter:
+    _KERNEL_CALLS.clear()
+    c = _count(fn(*args))
+    c["CustomKernel"] += sum(_KERNEL_CALLS.values())  # traced once, also under mx.compile
+    return c
+
+
+class _StandIn:
+    """Takes a kernel's place when counting: one launch, outputs of the declared shapes that depend
+    on every input (Broadcast + Depends: views, not counted), so nothing upstream is pruned."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, *, inputs, output_shapes, output_dtypes, **_):
+        _KERNEL_CALLS[self.name] += 1
+        return [mx.depends(mx.broadcast_to(mx.array(0, d), s), list(inputs)) for s, d in zip(output_shapes, output_dtypes)]
+
+
+@contextlib.contextmanager
+def kernels_counted():
+    """The dispatch takes the kernel paths (as on Metal), each launch a stand-in."""
+    saved = registry.metal_available, registry.get_kernel
+    registry.metal_available, registry.get_kernel = (lambda: True), _StandIn
+    try:
+        yield
+    finally:
+        registry.metal_available, registry.get_kernel = saved
+
+
+def count_layers(m, context: int) -> dict:
+    """{ratio: (eager, compiled)} primitive counts of one decode step, one layer of each type."""
+    cache = m.make_cache()
+    toks = mx.array(tokens(context + 1))
+    X = m.hidden_streams(toks[:, :context], cache)
+    mx.eval(X, [c.state for c in cache])
+    e = m.embed(toks[:, context:])
+    X = mx.broadcast_to(e[:, :, None, :], (1, 1, m.args.hc_mult, e.shape[-1]))
+    seen = {}
+    for i, (layer, c) in enumerate(zip(m.layers, cache)):
+        if m.args.ratio(i) not in seen:
+            seen[m.args.ratio(i)] = layer_step_counts(layer, c, X, toks[:, context:], m.qat)
+    return seen
+
+
+def _launches(c: collections.Counter) -> int:
+    return sum(v for k, v in c.items() if k not in VIEWS)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context", type=int, default=600, help="tokens already in the cache")
+    p.add_argument("-v", "--verbose", action="store_true", help="list the most frequent primitives")
     a = p.parse_args(argv)
-    from tinymodels import mlx_model, tokens
-
     m = mlx_model("flash", simulate_qat=True)
-    cache = m.make_cache()
-    toks = mx.array(tokens(a.context + 1))
-    X = m.hidden_streams(toks[:, : a.context], cache)
-    mx.eval(X, [c.state for c in cache])
-    e = m.embed(toks[:, a.context :])
-    X = mx.broadcast_to(e[:, :, None, :], (1, 1, m.args.hc_mult, e.shape[-1]))
-    names = {0: "sliding (ratio 0)", 4: "CSA (ratio 4)", 128: "HCA (ratio 128)"}
-    seen = {}
-    for i, (layer, c) in enumerate(zip(m.layers, cache)):
-        r = m.args.ratio(i)
-        if r in seen:
-            continue
-        eager, fused = layer_step_counts(layer, c, X, toks[:, a.context :], m.qat)
-        seen[r] = (eager, fused)
-    print(f"decode step at context {a.context}, device {mx.default_device()}, MLX {mx.__version__}")
-    print("| layer type | primitives | of which views | after mx.compile | of which views |")
-    print("|---|---:|---:|---:|---:|")
-    flash = {0: 2, 4: 21, 128: 20}
-    total_e = total_f = 0
-    for r, (eager, fused) in sorted(seen.items()):
-        ev = sum(v for k, v in eager.items() if k in VIEWS)
-        fv = sum(v for k, v in fused.items() if k in VIEWS)
-        print(f"| {names[r]} | {sum(eager.values())} | {ev} | {sum(fused.values())} | {fv} |")
-        total_e += flash[r] * (sum(eager.values()) - ev)
-        total_f += flash[r] * (sum(fused.values()) - fv)
-    print(f"Flash schedule (2 sliding + 21 CSA + 20 HCA), non-view primitives per token: "
-          f"{total_e} eager, {total_f} after mx.compile")
-    if "-v" in sys.argv or os.environ.get("VERBOSE"):
-        for r, (eager, fused) in sorted(seen.items()):
-            print(names[r], "compiled:", dict(fused.most_common(12)))
-    return seen
+    # Routed experts in the checkpoint's mxfp4, the format the expert kernels read.
+    nn.quantize(m, class_predicate=lambda _p, mod: isinstance(mod, SwitchLinear), group_size=32, bits=4,
+                mode="mxfp4")
+    before = count_layers(m, a.context)
+    with kernels_counted():
+        after = count_layers(m, a.context)
+    print(f"decode step at context {a.context}, device {mx.default_device()}, MLX {mx.__version__}; "
+          f"primitives that launch a kernel (views excluded), eager / after mx.compile")
+    print("| layer type | reference | reference, compiled | kernels | kernels, compiled | custom kernels |")
+    print("|---|---:|---:|---:|---:|---:|")
+    totals = collections.Counter()
+    for r in sorted(before):
+        row = [_launches(c) for c in (*before[r], *after[r])]
+        print(f"| {NAMES[r]} | " + " | ".join(map(str, row)) + f" | {after[r][1]['CustomKernel']} |")
+        for j, v in enumerate(row):
+            totals[j] += FLASH[r] * v
+    print(f"Flash schedule (2 sliding + 21 CSA + 20 HCA), per token: reference {totals[0]} eager / {totals[1]} "
+          f"compiled; kernels {totals[2]} eager / {totals[3]} compiled")
+    if a.verbose:
+        for r in sorted(after):
+            print(NAMES[r], "with kernels, compiled:",
+                  dict(collections.Counter({k: v for k, v in after[r][1].items() if k not in VIEWS}).most_common(40)))
+    return before, after
 
 
 if __name__ == "__main__":
