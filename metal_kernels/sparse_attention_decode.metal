@@ -8,6 +8,7 @@
 //                 pos: int32[3] (start, win_start, n valid entries); scale: float[]
 // @outputs        out: T[B, L, H, D]
 // @template       T: type; D: int; NOPE: int; HT: int; FP8: bool; CSA: bool; WINDOW: int; RATIO: int
+// @include        sparse_attention_common
 // @grid           (32 * 4, ceil(H / HT), B * L)
 // @threadgroup    (128, 1, 1): 4 SIMD groups, one query (b, l) and a tile of HT heads
 // @reference      mlx_dsv4.kernels.attention.sparse_attention_reference
@@ -33,62 +34,6 @@
 // and give the final max M and denominator (plus the sink). Pass 1 recomputes each logit and adds
 // T(exp(z - M) / den) v, the probability rounded to T as the reference does; the groups' partial
 // outputs are summed in group order through threadgroup memory.
-
-// @header
-// e4m3fn code -> float, exactly: normal (8 + m) 2^(e - 10) built from bits, subnormal m 2^-9, 0x7f NaN.
-inline float e4m3(uint8_t c) {
-  const uint e = (c >> 3) & 15, m = c & 7;
-  float v = e ? as_type<float>(((e + 120) << 23) | (m << 20)) : float(m) * 0.001953125f;
-  v = (c & 0x7f) == 0x7f ? NAN : v;
-  return (c & 0x80) ? -v : v;
-}
-
-// E8M0 byte -> 2^(b - 127); 0 is the subnormal 2^-127, 255 NaN.
-inline float e8m0(uint8_t b) {
-  return b == 255 ? NAN : as_type<float>(b ? uint(b) << 23 : 0x00400000u);
-}
-
-// Channel d of compressed row `row` (a flat batch * cap index): dense rows, or FP8 codes times their
-// 64-channel block scale (the last block may be partial) for d < nope and the rope channels (in T) after.
-template <bool FP8> struct Comp;
-template <> struct Comp<false> {
-  template <typename C, typename R>
-  static float at(const device C* ck, const device uint8_t*, const device R*, size_t row, int d, int D, int) {
-    return float(ck[row * D + d]);
-  }
-};
-template <> struct Comp<true> {
-  template <typename C, typename R>
-  static float at(const device C* ck, const device uint8_t* ce, const device R* cr, size_t row, int d, int D,
-                  int nope) {
-    return d < nope ? e4m3(ck[row * nope + d]) * e8m0(ce[row * ((nope + 63) / 64) + d / 64])
-                    : float(cr[row * (D - nope) + d - nope]);
-  }
-};
-
-// One key for the HT heads of a lane (qv, acc: [HT][DL] channels i + 32 c): pass 0 folds the scaled
-// logit into the running max m / sum s; pass 1 (m = final max, s = denominator) adds T(p) * row.
-template <typename T, int HT, int DL>
-inline void attend(int pass, thread const float* kv, thread const float* qv, float scale, thread float* m,
-                   thread float* s, thread float* acc) {
-  for (int i = 0; i < HT; ++i) {
-    float d = 0.0f;
-    for (int c = 0; c < DL; ++c) {
-      d += qv[i * DL + c] * kv[c];
-    }
-    const float z = simd_sum(d) * scale;
-    if (pass == 0) {
-      const float mn = metal::max(m[i], z);
-      s[i] = s[i] * metal::exp(m[i] - mn) + metal::exp(z - mn);
-      m[i] = mn;
-    } else {
-      const float p = float(T(metal::exp(z - m[i]) / s[i]));
-      for (int c = 0; c < DL; ++c) {
-        acc[i * DL + c] += p * kv[c];
-      }
-    }
-  }
-}
 
 // @source
 constexpr int S = 4;  // SIMD groups splitting the keys

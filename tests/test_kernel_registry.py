@@ -81,3 +81,29 @@ def test_use_kernels_rule(monkeypatch, metal, env, expected):
 def test_kernel_objects_need_metal():
     with pytest.raises(RuntimeError, match="Metal is not available"):
         registry.get_kernel("sinkhorn_split")
+
+
+def test_include_prepends_shared_code_and_is_checked(tmp_path):
+    """@include a: a.h from the file's folder leads the header MLX compiles; the lint and the harness's
+    #line markers still point into the file each line came from."""
+    from mlx_dsv4.kernels.lint import KernelLintError, check_spec
+    from mlx_dsv4.kernels.sim.source import ArgInfo, mlx_source
+
+    (tmp_path / "shared.h").write_text("inline float thrice(float v) { return 3.0f * v; }\n")
+    text = GOOD.replace("// @grid", "// @include     shared\n// @grid")
+    spec = parse_spec(text, str(tmp_path / "demo.metal"), "demo")
+    assert spec.header.startswith("inline float thrice") and spec.own_header.startswith("inline float twice")
+    assert "include" not in spec.doc
+    args = [ArgInfo("float", 16, 1), ArgInfo("int32_t", 1, 0)]
+    tmpl = [("T", mx.float32), ("K", 1), ("FLAG", True)]
+    plain = mlx_source(spec, args, ["float"], tmpl)[1]
+    assert plain.startswith(spec.header)  # what MLX gets: the shared code, then the file's own header
+    marked = mlx_source(spec, args, ["float"], tmpl, _lines=spec.path)[1]
+    assert marked.startswith(f'#line 1 "{tmp_path / "shared.h"}"\ninline float thrice')
+    assert f'#line {spec.header_line} "{spec.path}"\ninline float twice' in marked
+    check_spec(spec)
+    (tmp_path / "shared.h").write_text("inline double thrice(double v) { return 3.0 * v; }\n")
+    with pytest.raises(KernelLintError, match=r"shared\.h:1: \[double\]"):
+        check_spec(parse_spec(text, str(tmp_path / "demo.metal"), "demo"))
+    with pytest.raises(KernelSpecError, match="@include 'missing'"):
+        parse_spec(GOOD.replace("// @grid", "// @include missing\n// @grid"), str(tmp_path / "demo.metal"), "demo")

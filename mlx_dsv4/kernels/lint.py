@@ -147,12 +147,23 @@ def recursion_issues(header: str, header_line: int = 1) -> list[LintIssue]:
 
 
 def lint_spec(spec: KernelSpec) -> list[LintIssue]:
-    return sorted(lint_source(spec.header, "header", spec.header_line) + lint_source(spec.source, "source", spec.source_line)
-                  + recursion_issues(spec.header, spec.header_line), key=lambda i: i.line)
+    """Issues in the .metal file's own header and body (included files: `lint_includes`)."""
+    return sorted(lint_source(spec.own_header, "header", spec.header_line)
+                  + lint_source(spec.source, "source", spec.source_line)
+                  + recursion_issues(spec.own_header, spec.header_line), key=lambda i: i.line)
+
+
+def lint_includes(spec: KernelSpec) -> list[tuple[str, LintIssue]]:
+    """(path, issue) in the shared .h files the kernel includes, and recursion across all its header code."""
+    found = [(p, i) for p, t in spec.includes for i in lint_source(t, "header") + recursion_issues(t)]
+    if spec.includes and not found:
+        found = [(f"{spec.path} with its includes", i) for i in recursion_issues(spec.header)]
+    return found
 
 
 def check_spec(spec: KernelSpec) -> None:
     """Raise KernelLintError listing every issue (path:line: [rule] message)."""
-    if issues := lint_spec(spec):
+    issues = [(spec.path, i) for i in lint_spec(spec)] + lint_includes(spec)
+    if issues:
         raise KernelLintError(f"kernel {spec.name!r} is not valid Metal:\n"
-                              + "\n".join(f"{spec.path}:{i.line}: [{i.rule}] {i.message}" for i in issues))
+                              + "\n".join(f"{p}:{i.line}: [{i.rule}] {i.message}" for p, i in issues))

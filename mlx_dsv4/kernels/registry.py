@@ -57,6 +57,12 @@ class KernelSpec:
     path: str = "<string>"
     source_line: int = 1  # 1-based line of the body's first line in `path` (for diagnostics)
     header_line: int = 1
+    includes: tuple[tuple[str, str], ...] = ()  # (path, text) of shared .h files, leading `header`
+
+    @property
+    def own_header(self) -> str:
+        """The header section of the .metal file itself (`header` minus the included files)."""
+        return self.header[sum(len(t) for _, t in self.includes):]
 
     def template_args(self, template: Mapping[str, Any] | Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
         """Check `template` against the declaration; return it as (name, value) pairs in declared order."""
@@ -77,8 +83,9 @@ class KernelSpec:
         return out
 
 
-def parse_spec(text: str, path: str = "<string>", name: str | None = None) -> KernelSpec:
-    """Parse the text of one .metal file (see the module docstring for the format)."""
+def parse_spec(text: str, path: str = "<string>", name: str | None = None, include_dir: Path | None = None) -> KernelSpec:
+    """Parse the text of one .metal file (see the module docstring for the format). `@include a; b`
+    prepends include_dir/a.h, b.h (default: the file's folder) to the header: code two kernels share."""
     lines = text.splitlines()
     fields: dict[str, str] = {}
     last = None
@@ -157,12 +164,20 @@ def parse_spec(text: str, path: str = "<string>", name: str | None = None) -> Ke
 
     source, source_line = body("source")
     header, header_line = body("header")
+    includes = []
+    for inc in [t.strip() for t in fields.pop("include", "").split(";") if t.strip()]:
+        ipath = Path(include_dir or Path(path).parent) / f"{inc}.h"
+        if not _IDENT.match(inc) or not ipath.is_file():
+            raise KernelSpecError(f"{path}: @include {inc!r}: no file {ipath}")
+        itext = ipath.read_text()
+        includes.append((str(ipath), itext if itext.endswith("\n") else itext + "\n"))
     if not source.strip():
         raise KernelSpecError(f"{path}: empty kernel body")
     return KernelSpec(
-        name=kname, inputs=inputs, outputs=outputs, source=source, header=header, template=tuple(template),
+        name=kname, inputs=inputs, outputs=outputs, source=source, template=tuple(template),
+        header="".join(t for _, t in includes) + header,
         ensure_row_contiguous=flag("row_contiguous", True), atomic_outputs=flag("atomic_outputs", False),
-        doc=dict(fields), path=path, source_line=source_line, header_line=header_line,
+        doc=dict(fields), path=path, source_line=source_line, header_line=header_line, includes=tuple(includes),
     )
 
 

@@ -107,8 +107,9 @@ def mlx_source(spec: KernelSpec, inputs: Sequence[ArgInfo], output_types: Sequen
     func = function_name(spec, inputs, output_types, template)
     out = [spec.header]
     if _lines:  # #line markers: diagnostics and SIMD call sites then refer to the .metal file
-        out = [f'#line {spec.header_line} "{_lines}"\n{spec.header}' if spec.header else "",
-               f'\n#line 1 "{spec.name}:signature"\n']
+        out = [f'#line 1 "{p}"\n{t}' for p, t in spec.includes]
+        out += [f'#line {spec.header_line} "{_lines}"\n{spec.own_header}' if spec.own_header else "",
+                f'\n#line 1 "{spec.name}:signature"\n']
     if template:
         params = [f"{'bool' if isinstance(v, bool) else 'int' if isinstance(v, int) else 'typename'} {n}"
                   for n, v in template]
