@@ -16,8 +16,9 @@ from .compressor import Compressor
 from .config import ModelArgs
 from .indexer import Indexer
 from .kernels.attention import sparse_attention
-from .norm import RMSNorm, rms_norm
-from .rope import apply_rope, cos_sin, inv_freq
+from .kernels.rows_finish import rows_finish
+from .norm import RMSNorm
+from .rope import inv_freq
 
 
 class Attention(nn.Module):
@@ -63,20 +64,20 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         start = cache.offset
         H, D, r = a.n_heads, a.head_dim, a.rope_head_dim
-        cos, sin = cos_sin(mx.arange(start, start + L), self._freqs)
+        nope_fp8 = D - r if qat.simulate else 0  # qat.kv: FP8 on the non-RoPE channels, or nothing
+        fr = self._freqs
 
         qr = self.q_norm(self.wq_a(x))
-        q = rms_norm(self.wq_b(qr).reshape(B, L, H, D), None, a.norm_eps)  # weightless per-head norm
-        q = apply_rope(q, cos[:, None], sin[:, None])
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
-        kv = qat.kv(kv, D - r)
+        # weightless per-head norm, then RoPE
+        q = rows_finish(self.wq_b(qr).reshape(B, L, H, D), fr, start, norm=True, eps=a.norm_eps)
+        kv = rows_finish(self.wkv(x), fr, start, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps,
+                         fp8_nope=nope_fp8)
 
         comp, idx = None, None
         if self.ratio:
-            fin = lambda c: qat.kv(c, D - r)  # noqa: E731
-            cache.push_compressed(self.compressor(x, start, cache.comp_state, self._freqs, x.dtype, fin))
+            cache.push_compressed(self.compressor(x, start, cache.comp_state, fr, x.dtype, nope_fp8))
             if self.ratio == 4:
-                idx = self.indexer(x, qr, start, cache, self._freqs, qat.index, a.index_topk)
+                idx = self.indexer(x, qr, start, cache, fr, qat.simulate, a.index_topk)
                 comp = cache.compressed_store if idx is not None else None
                 if idx is not None and idx.shape[-1] >= cache.n_compressed:
                     # top-k covers every entry: the selection is exactly the causal set, so the
@@ -93,5 +94,5 @@ class Attention(nn.Module):
         cache.push_window(kv)
         cache.offset += L
 
-        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
+        o = rows_finish(o, fr, start, inverse=True)
         return self.grouped_out(o.reshape(B, L, H * D))

@@ -18,8 +18,8 @@ import mlx.nn as nn
 
 from .cache import CompressorState
 from .kernels.compressor_pool import compressor_pool
+from .kernels.rows_finish import rows_finish
 from .norm import RMSNorm
-from .rope import apply_rope, cos_sin
 
 
 class Compressor(nn.Module):
@@ -65,13 +65,12 @@ class Compressor(nn.Module):
             state.prev_kv, state.prev_gate = wa[:, -1, :, :D], wg[:, -1, :, :D]
         return compressor_pool(wa, wg, *prev, self.overlap), first
 
-    def __call__(self, x, start, state, freqs, dtype, finish) -> mx.array:
-        """Pooled, normalised, rotated and format-rounded entries [B, n, out_dim] in `dtype`."""
+    def __call__(self, x, start, state, freqs, dtype, fp8_nope: int) -> mx.array:
+        """Pooled, normalised, rotated (RoPE at the window's first position j * ratio) entries
+        [B, n, out_dim] in `dtype`, FP8-rounded on the first fp8_nope channels (0: none). The indexer's
+        compressor finishes its keys differently (Hadamard + FP4): it calls `pool` itself."""
         c, first = self.pool(x, start, state)
-        n = c.shape[1]
-        if n == 0:
+        if c.shape[1] == 0:
             return c.astype(dtype)
-        c = self.norm(c.astype(dtype))
-        cos, sin = cos_sin(mx.arange(first, first + n) * self.ratio, freqs)
-        return finish(apply_rope(c, cos, sin))
-
+        return rows_finish(c, freqs, first * self.ratio, self.ratio, norm=True, weight=self.norm.weight,
+                           eps=self.norm.eps, fp8_nope=fp8_nope, dtype=dtype)

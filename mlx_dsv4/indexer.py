@@ -13,8 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .compressor import Compressor
+from .kernels.index_finish import index_finish
 from .kernels.indexer_score import indexer_score
-from .rope import apply_rope, cos_sin
 
 _SCORE_BUDGET = 1 << 20  # elements of the [Lb, H, Nb] score block kept live at once
 
@@ -58,16 +58,20 @@ class Indexer(nn.Module):
         self.compressor = Compressor(dim, head_dim, ratio, norm_eps)
         self.weight_scale = (head_dim * n_heads) ** -0.5
 
-    def __call__(self, x, qr, start, cache, freqs, finish, topk: int) -> mx.array | None:
-        """Update the indexer keys in `cache` and return top-k ids [B, L, k] (None if no entry yet)."""
+    def __call__(self, x, qr, start, cache, freqs, simulate: bool, topk: int) -> mx.array | None:
+        """Update the indexer keys in `cache` and return top-k ids [B, L, k] (None if no entry yet).
+
+        q and the keys are finished alike: RoPE, then (simulate) the Hadamard + FP4 trained format;
+        the keys first pass the compressor's norm, with RoPE at their window's first position."""
         B, L, _ = x.shape
-        keys = self.compressor(x, start, cache.index_state, freqs, x.dtype, finish)
-        cache.push_index_keys(keys)
+        comp = self.compressor
+        c, first = comp.pool(x, start, cache.index_state)
+        if c.shape[1]:
+            cache.push_index_keys(index_finish(c.astype(x.dtype), freqs, first * comp.ratio, comp.ratio, simulate,
+                                               comp.norm.weight, comp.norm.eps))
         K = cache.index_keys
         if K is None or K.shape[1] == 0:
             return None
-        q = self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim)
-        cos, sin = cos_sin(mx.arange(start, start + L), freqs)
-        q = finish(apply_rope(q, cos[:, None], sin[:, None]))
+        q = index_finish(self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim), freqs, start, 1, simulate)
         w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
         return select(q, K, w, start, self.ratio, topk)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .kernels import hc as kernels_hc
 from .kernels import mhc as kernels_mhc
 
 
@@ -22,28 +23,19 @@ def sinkhorn_split(mix: mx.array, scale: mx.array, base: mx.array, hc: int, iter
     return kernels_mhc.sinkhorn_split(mix, scale, base, iters, eps)
 
 
-def _mixes(X: mx.array, fn: mx.array, norm_eps: float) -> mx.array:
-    # RMS of the flattened streams, applied after the projection (it has no weight).
-    flat = X.reshape(*X.shape[:-2], -1).astype(mx.float32)
-    rho = mx.rsqrt(mx.mean(flat * flat, axis=-1, keepdims=True) + norm_eps)
-    return (flat @ fn.astype(mx.float32).T) * rho
-
-
 def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float):
-    """X [B, L, hc, d] -> (branch input u [B, L, d] in X.dtype, post, comb)."""
-    hc = X.shape[-2]
-    pre, post, comb = sinkhorn_split(_mixes(X, fn, norm_eps), scale, base, hc, iters, eps)
-    u = (pre[..., None] * X.astype(mx.float32)).sum(axis=-2)
-    return u.astype(X.dtype), post, comb
+    """X [B, L, hc, d] -> (branch input u [B, L, d] in X.dtype, post, comb).
+
+    One fused Metal kernel on a Mac for hc = 4, the pure-MLX reference elsewhere (kernels/hc.py)."""
+    return kernels_hc.hc_pre(X, fn, scale, base, iters, eps, norm_eps)
 
 
 def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
-    """X'_k = post_k * y + sum_j comb[j, k] * X_j, in float32, stored back in X.dtype."""
-    mixed = mx.swapaxes(comb, -1, -2) @ X.astype(mx.float32)
-    return (post[..., None] * y.astype(mx.float32)[..., None, :] + mixed).astype(X.dtype)
+    """X'_k = post_k * y + sum_j comb[j, k] * X_j, in float32, stored back in X.dtype (kernels/hc.py)."""
+    return kernels_hc.hc_post(y, X, post, comb)
 
 
 def hc_head(X, fn, scale, base, eps: float, norm_eps: float) -> mx.array:
     """Final collapse of the streams: sigmoid weights only (no Sinkhorn, no post)."""
-    pre = mx.sigmoid(_mixes(X, fn, norm_eps) * scale[0] + base) + eps
+    pre = mx.sigmoid(kernels_hc.mixes(X, fn, norm_eps) * scale[0] + base) + eps
     return (pre[..., None] * X.astype(mx.float32)).sum(axis=-2).astype(X.dtype)

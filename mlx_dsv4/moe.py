@@ -14,7 +14,7 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 
 from .config import ModelArgs
 from .kernels import experts as expert_kernels
-from .kernels import registry
+from .kernels import registry, router
 
 # Rows (tokens x selected experts) from which the experts sort rows by expert, so MLX's gather_qmm
 # reads each expert's weights once for all its rows. Below it both paths read one expert matrix per
@@ -41,15 +41,8 @@ class Gate(nn.Module):
 
     def __call__(self, x: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """x [N, d], tokens [N] -> (weights [N, k] float32, expert ids [N, k])."""
-        z = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        s = mx.sqrt(mx.logaddexp(z, 0.0))  # stable softplus
-        if "tid2eid" in self:
-            ids = self.tid2eid[tokens]
-        else:
-            biased = s + self.bias.astype(mx.float32)
-            ids = mx.argpartition(-biased, kth=self.topk - 1, axis=-1)[:, : self.topk]
-        w = mx.take_along_axis(s, ids, axis=-1)
-        return w / w.sum(axis=-1, keepdims=True) * self.route_scale, ids
+        table = dict(tid2eid=self.tid2eid, tokens=tokens) if "tid2eid" in self else dict(bias=self.bias)
+        return router.route(x, self.weight, self.topk, self.route_scale, **table)
 
 
 class Expert(nn.Module):

@@ -11,8 +11,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import mlx_dsv4.attention as attention
 import mlx_dsv4.kernels.compressor_pool as compressor_pool
+import mlx_dsv4.kernels.rows_finish as rows_finish
 import mlx_dsv4.indexer as indexer
 import mlx_dsv4.model as model_mod
 from oracle import hf_logits, hf_model
@@ -75,7 +75,7 @@ def _mask_after_topk(orig):
 
 
 BREAKS = {
-    "inverse_rope": lambda mp: mp.setattr(attention, "apply_rope", _broken_inverse_rope(attention.apply_rope)),
+    "inverse_rope": lambda mp: mp.setattr(rows_finish, "apply_rope", _broken_inverse_rope(rows_finish.apply_rope)),
     "previous_ratio4_window": lambda mp: mp.setattr(compressor_pool, "overlap_slots", _no_previous_window),
     "mhc_orientation": lambda mp: mp.setattr(model_mod, "hc_post", _untransposed_hc_post),
     "mask_after_topk": lambda mp: mp.setattr(indexer, "index_scores", _mask_after_topk(indexer.index_scores)),

@@ -1,0 +1,122 @@
+"""mHC stream glue: hc_pre / hc_post as pure-MLX references and as fused Metal kernels
+(metal_kernels/hc_pre.metal, hc_post.metal).
+
+hc_pre: X [..., hc, d] -> mixes = rsqrt(mean(flat^2) + norm_eps) * (fn @ flat) with flat the hc*d
+stream values in float32, the Sinkhorn split of the mixes (kernels/mhc.py), and u = sum_k pre_k X_k
+in float32 rounded to X.dtype. hc_post: X'_k = post_k * y + sum_j comb[j, k] X_j in float32, stored
+in X.dtype (comb is applied transposed). The kernels cover hc = 4 with X in float32 / float16 /
+bfloat16; other cases take the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from . import mhc, registry
+
+KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def mixes(X: mx.array, fn: mx.array, norm_eps: float) -> mx.array:
+    """[..., hc, d] -> [..., rows of fn]: the RMS of the flattened streams, applied after the
+    projection (it has no weight)."""
+    flat = X.reshape(*X.shape[:-2], -1).astype(mx.float32)
+    rho = mx.rsqrt(mx.mean(flat * flat, axis=-1, keepdims=True) + norm_eps)
+    return (flat @ fn.astype(mx.float32).T) * rho
+
+
+def _check_pre(X: mx.array, fn: mx.array, scale: mx.array, base: mx.array) -> int:
+    if X.ndim < 2:
+        raise ValueError(f"hc_pre: X must be [..., hc, d], got shape {X.shape}")
+    hc, d = X.shape[-2:]
+    if fn.shape != ((2 + hc) * hc, hc * d):
+        raise ValueError(f"hc_pre: fn must be [(2+hc)*hc, hc*d] = [{(2 + hc) * hc}, {hc * d}], got {fn.shape}")
+    if scale.shape != (3,) or base.shape != ((2 + hc) * hc,):
+        raise ValueError(f"hc_pre: scale must be [3] and base [{(2 + hc) * hc}], got {scale.shape} and {base.shape}")
+    return hc
+
+
+def _check_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> int:
+    if X.ndim < 2 or y.shape != X.shape[:-2] + X.shape[-1:]:
+        raise ValueError(f"hc_post: want X [..., hc, d] and y [..., d]; got X {X.shape}, y {y.shape}")
+    hc = X.shape[-2]
+    if post.shape != X.shape[:-1]:
+        raise ValueError(f"hc_post: post must be {X.shape[:-1]}, got {post.shape}")
+    if comb.shape != X.shape[:-1] + (hc,):
+        raise ValueError(f"hc_post: comb must be {X.shape[:-1] + (hc,)}, got {comb.shape}")
+    return hc
+
+
+def hc_pre_reference(X, fn, scale, base, iters: int, eps: float, norm_eps: float):
+    """(u [..., d] in X.dtype, post [..., hc], comb [..., hc, hc] float32). The split goes through
+    the sinkhorn_split dispatcher: its reference here, its own kernel on Metal."""
+    _check_pre(X, fn, scale, base)
+    pre, post, comb = mhc.sinkhorn_split(mixes(X, fn, norm_eps), scale, base, iters, eps)
+    u = (pre[..., None] * X.astype(mx.float32)).sum(axis=-2)
+    return u.astype(X.dtype), post, comb
+
+
+def hc_post_reference(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """X'_k = post_k * y + sum_j comb[j, k] * X_j, in float32, stored back in X.dtype."""
+    _check_post(y, X, post, comb)
+    mixed = mx.swapaxes(comb, -1, -2) @ X.astype(mx.float32)
+    return (post[..., None] * y.astype(mx.float32)[..., None, :] + mixed).astype(X.dtype)
+
+
+def hc_pre_kernel(X, fn, scale, base, iters: int, eps: float, norm_eps: float):
+    """The fused Metal kernel (hc = 4): one threadgroup per token, one launch for all tokens."""
+    hc = _check_pre(X, fn, scale, base)
+    if hc != 4 or X.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"hc_pre kernel: X must be [..., 4, d] in {KERNEL_DTYPES}, got {X.shape} {X.dtype}")
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"hc_pre: iters must be an int >= 1, got {iters!r}")
+    lead, d = X.shape[:-2], X.shape[-1]
+    n = math.prod(lead)
+    if n == 0:
+        return mx.zeros((*lead, d), dtype=X.dtype), mx.zeros((*lead, 4)), mx.zeros((*lead, 4, 4))
+    f32 = mx.float32
+    tg = min(512, -(-4 * d // 32) * 32)
+    u, post, comb = registry.launch(
+        "hc_pre", [X.reshape(n, 4, d), fn.astype(f32), scale.astype(f32), base.astype(f32),
+                   mx.array(eps, dtype=f32), mx.array(norm_eps, dtype=f32)],
+        template={"T": X.dtype, "D": d, "ITERS": iters}, grid=(tg * n, 1, 1), threadgroup=(tg, 1, 1),
+        output_shapes=[(n, d), (n, 4), (n, 4, 4)], output_dtypes=[X.dtype, f32, f32],
+    )
+    return u.reshape(*lead, d), post.reshape(*lead, 4), comb.reshape(*lead, 4, 4)
+
+
+def hc_post_kernel(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """The Metal kernel (hc = 4): one thread per (token, d) writes the four streams."""
+    hc = _check_post(y, X, post, comb)
+    if hc != 4 or X.dtype not in KERNEL_DTYPES or y.dtype != X.dtype:
+        raise ValueError(f"hc_post kernel: X must be [..., 4, d] in {KERNEL_DTYPES} and y of the same dtype, "
+                         f"got X {X.shape} {X.dtype}, y {y.dtype}")
+    lead, d = X.shape[:-2], X.shape[-1]
+    n = math.prod(lead)
+    if n * d == 0:
+        return mx.zeros(X.shape, dtype=X.dtype)
+    f32 = mx.float32
+    (out,) = registry.launch(
+        "hc_post", [y.reshape(n, d), X.reshape(n, 4, d), post.reshape(n, 4).astype(f32),
+                    comb.reshape(n, 4, 4).astype(f32)],
+        template={"T": X.dtype, "D": d}, grid=(d, n, 1), threadgroup=(min(d, 256), 1, 1),
+        output_shapes=[(n, 4, d)], output_dtypes=[X.dtype],
+    )
+    return out.reshape(X.shape)
+
+
+def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float):
+    """(u, post, comb): the fused kernel on Metal for hc = 4, the reference otherwise."""
+    if registry.use_kernels() and X.ndim >= 2 and X.shape[-2] == 4 and X.dtype in KERNEL_DTYPES:
+        return hc_pre_kernel(X, fn, scale, base, iters, eps, norm_eps)
+    return hc_pre_reference(X, fn, scale, base, iters, eps, norm_eps)
+
+
+def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    """The updated streams X': the kernel on Metal for hc = 4, the reference otherwise."""
+    if registry.use_kernels() and X.ndim >= 2 and X.shape[-2] == 4 and X.dtype in KERNEL_DTYPES \
+            and y.dtype == X.dtype:
+        return hc_post_kernel(y, X, post, comb)
+    return hc_post_reference(y, X, post, comb)

@@ -1,0 +1,80 @@
+"""Indexer q / key finishing: the reference (composed from norm, rope and formats) and the Metal kernel
+(metal_kernels/index_finish.metal).
+
+x [B, L, H, D] (or [B, L, D]) -> optional weighted RMSNorm (the indexer keys), RoPE on the last
+2 * freqs.size channels at position pos0 + t * pos_step for token t (q: start + t; keys: entry j at
+j * ratio), then, with `simulate`, the trained-format round trip formats.indexer_roundtrip (Hadamard,
+bf16, FP4 e2m1 in 1x32 blocks) cast back to x.dtype, exactly what TrainedFormats.index returns.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..formats import indexer_roundtrip
+from ..norm import rms_norm
+from ..rope import apply_rope, cos_sin
+from . import registry
+
+KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+KERNEL_WIDTHS = (32, 64, 128, 256)
+ROWS_PER_THREADGROUP = 4  # SIMD groups (one row each) per threadgroup
+
+
+def _check(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, weight) -> None:
+    if x.ndim not in (3, 4) or not mx.issubdtype(x.dtype, mx.floating):
+        raise ValueError(f"index_finish: x must be a float [B, L, H, D] or [B, L, D], got {x.dtype} {x.shape}")
+    if freqs.ndim != 1 or 2 * freqs.shape[0] > x.shape[-1]:
+        raise ValueError(f"index_finish: freqs must be [R/2] with R <= D = {x.shape[-1]}, got {freqs.shape}")
+    if not isinstance(pos0, int) or not isinstance(pos_step, int) or pos_step < 1:
+        raise ValueError(f"index_finish: pos0 / pos_step must be ints, pos_step >= 1; got {pos0!r}, {pos_step!r}")
+    if weight is not None and weight.shape != (x.shape[-1],):
+        raise ValueError(f"index_finish: weight must be [{x.shape[-1]}], got {weight.shape}")
+
+
+def index_finish_reference(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
+                           weight: mx.array | None = None, eps: float = 0.0) -> mx.array:
+    """The reference path itself: rms_norm, cos_sin + apply_rope, TrainedFormats.index."""
+    _check(x, freqs, pos0, pos_step, weight)
+    if weight is not None:
+        x = rms_norm(x, weight, eps)
+    cos, sin = cos_sin(mx.arange(pos0, pos0 + x.shape[1] * pos_step, pos_step), freqs)
+    if x.ndim == 4:
+        cos, sin = cos[:, None], sin[:, None]
+    x = apply_rope(x, cos, sin)
+    return indexer_roundtrip(x).astype(x.dtype) if simulate else x
+
+
+def _kernel_ok(x: mx.array, freqs: mx.array) -> bool:
+    return x.dtype in KERNEL_DTYPES and x.shape[-1] in KERNEL_WIDTHS and freqs.dtype == mx.float32
+
+
+def index_finish_kernel(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
+                        weight: mx.array | None = None, eps: float = 0.0) -> mx.array:
+    """The Metal kernel: one SIMD group per row, one launch."""
+    _check(x, freqs, pos0, pos_step, weight)
+    if not _kernel_ok(x, freqs):
+        raise ValueError(f"index_finish kernel: x must be one of {KERNEL_DTYPES} with D in {KERNEL_WIDTHS} and "
+                         f"freqs float32; got {x.dtype}, D={x.shape[-1]}, freqs {freqs.dtype}")
+    if x.size == 0:
+        return x
+    D = x.shape[-1]
+    x4 = x if x.ndim == 4 else x[:, :, None]
+    threads = 32 * (x.size // D)
+    (out,) = registry.launch(
+        "index_finish",
+        [x4, freqs, freqs if weight is None else weight.astype(mx.float32),  # unread without NORM
+         mx.array([pos0, pos_step], mx.int32), mx.array([eps, D**-0.5], mx.float32)],
+        template={"T": x.dtype, "D": D, "R2": freqs.shape[0], "NORM": weight is not None, "QAT": bool(simulate)},
+        grid=(threads, 1, 1), threadgroup=(min(threads, 32 * ROWS_PER_THREADGROUP), 1, 1),
+        output_shapes=[x4.shape], output_dtypes=[x.dtype],
+    )
+    return out.reshape(x.shape)
+
+
+def index_finish(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
+                 weight: mx.array | None = None, eps: float = 0.0) -> mx.array:
+    """Finished indexer q / keys in x.dtype: the kernel on Metal, the reference otherwise."""
+    if registry.use_kernels() and _kernel_ok(x, freqs):
+        return index_finish_kernel(x, freqs, pos0, pos_step, simulate, weight, eps)
+    return index_finish_reference(x, freqs, pos0, pos_step, simulate, weight, eps)

@@ -1,0 +1,105 @@
+"""Finishing attention rows: the pure-MLX reference and the Metal kernel (metal_kernels/rows_finish.metal).
+
+A row of width D (the last axis of x [B, L, D] or [B, L, H, D]) goes through, in this order and with the
+reference's rounding points: optional RMSNorm (`norm`, with an optional `weight`), interleaved RoPE on the
+last 2 len(freqs) channels at position pos0 + l step for the token at index l along L (`inverse` rotates
+back), optional FP8 e4m3 1x64 block rounding of the first `fp8_nope` channels (0: none). Used for q (per-head
+weightless norm), the window K = V (kv_norm + FP8), the inverse rotation of the attention output and the main
+compressor's entries (norm, RoPE at j * ratio, FP8). One launch instead of ~5-20 small ops each.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..norm import rms_norm
+from ..qat import TrainedFormats
+from ..rope import apply_rope, cos_sin
+from . import registry
+
+KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+MAX_D = 1024  # the kernel keeps a row in registers: D / 32 floats per lane
+ROWS_PER_THREADGROUP = 8  # SIMD groups (one row each) per threadgroup
+_FP8 = TrainedFormats(True)
+
+
+def _check(x, freqs, weight, fp8_nope, step, dtype) -> tuple[int, int]:
+    """Raises ValueError naming the bad argument; returns (D, R)."""
+    if x.ndim not in (3, 4) or not mx.issubdtype(x.dtype, mx.floating):
+        raise ValueError(f"rows_finish: x must be a float [B, L, D] or [B, L, H, D] array, got {x.dtype} {x.shape}")
+    D = x.shape[-1]
+    if freqs.ndim != 1 or freqs.dtype != mx.float32 or not 0 < 2 * freqs.shape[0] <= D:
+        raise ValueError(f"rows_finish: freqs must be float32 [R / 2] with 0 < R <= D = {D}, got {freqs.dtype} "
+                         f"{freqs.shape}")
+    if D % 2:
+        raise ValueError(f"rows_finish: x's last axis must be even (rotated pairs), got {D}")
+    if weight is not None and weight.shape != (D,):
+        raise ValueError(f"rows_finish: weight must be [D] = [{D}], got {weight.shape}")
+    if not 0 <= fp8_nope <= D:
+        raise ValueError(f"rows_finish: fp8_nope must be in 0..{D}, got {fp8_nope}")
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"rows_finish: step must be a positive int, got {step!r}")
+    if dtype is not None and not mx.issubdtype(dtype, mx.floating):
+        raise ValueError(f"rows_finish: dtype must be a float dtype, got {dtype}")
+    return D, 2 * freqs.shape[0]
+
+
+def rows_finish_reference(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6,
+                          inverse=False, fp8_nope=0, dtype=None) -> mx.array:
+    """Pure MLX, the model's own ops: x.astype(dtype), rms_norm, cos_sin + apply_rope, TrainedFormats.kv."""
+    _check(x, freqs, weight, fp8_nope, step, dtype)
+    y = x if dtype is None else x.astype(dtype)
+    if norm:
+        y = rms_norm(y, weight, eps)
+    L = x.shape[1]
+    cos, sin = cos_sin(mx.arange(pos0, pos0 + L * step, step), freqs)
+    if x.ndim == 4:
+        cos, sin = cos[:, None], sin[:, None]
+    y = apply_rope(y, cos, sin, inverse=inverse)
+    return _FP8.kv(y, fp8_nope) if fp8_nope else y
+
+
+def _kernel_ok(x, freqs, pos0, step, dtype) -> bool:
+    """Float inputs and output, a row that fits the registers, positions exact in int32 (as the reference's)."""
+    L = x.shape[1]
+    out = x.dtype if dtype is None else dtype
+    last = pos0 + max(L - 1, 0) * step
+    return (x.dtype in KERNEL_DTYPES and out in KERNEL_DTYPES and x.shape[-1] <= MAX_D
+            and -(2**31) <= min(pos0, last) and max(pos0, last) < 2**31)
+
+
+def launch_geometry(rows: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    return (32, rows, 1), (32, min(rows, ROWS_PER_THREADGROUP), 1)
+
+
+def rows_finish_kernel(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6,
+                       inverse=False, fp8_nope=0, dtype=None) -> mx.array:
+    """The Metal kernel: one SIMD group per row, one launch."""
+    D, R = _check(x, freqs, weight, fp8_nope, step, dtype)
+    if not _kernel_ok(x, freqs, pos0, step, dtype):
+        raise ValueError(f"rows_finish kernel: x and dtype must be float32/float16/bfloat16 with D <= {MAX_D} and "
+                         f"positions within int32, got {x.dtype} -> {dtype}, D = {D}, pos0 {pos0}, step {step}")
+    T = x.dtype if dtype is None else dtype
+    B, L = x.shape[:2]
+    H = x.shape[2] if x.ndim == 4 else 1
+    rows = B * L * H
+    if rows == 0:
+        return mx.zeros(x.shape, dtype=T)
+    grid, tg = launch_geometry(rows)
+    pos = mx.array([pos0, step], dtype=mx.int32)
+    w = freqs if weight is None else weight  # never read without a weight
+    tmpl = {"T": T, "D": D, "R": R, "NOPE": fp8_nope, "NORM": bool(norm), "WEIGHT": bool(norm and weight is not None),
+            "INVERSE": bool(inverse)}
+    (out,) = registry.launch("rows_finish", [x.reshape(B, L, H, D), w, freqs, pos, mx.array(eps, mx.float32)],
+                             template=tmpl, grid=grid, threadgroup=tg, output_shapes=[(B, L, H, D)],
+                             output_dtypes=[T])
+    return out.reshape(x.shape)
+
+
+def rows_finish(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6, inverse=False,
+                fp8_nope=0, dtype=None) -> mx.array:
+    """Finished rows in `dtype` (default x.dtype): the kernel on Metal, the reference otherwise."""
+    kw = dict(norm=norm, weight=weight, eps=eps, inverse=inverse, fp8_nope=fp8_nope, dtype=dtype)
+    if registry.use_kernels() and _kernel_ok(x, freqs, pos0, step, dtype):
+        return rows_finish_kernel(x, freqs, pos0, step, **kw)
+    return rows_finish_reference(x, freqs, pos0, step, **kw)
