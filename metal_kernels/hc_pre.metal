@@ -3,9 +3,9 @@
 //
 // @kernel         hc_pre
 // @inputs         X: T[N, 4, D]; fn: float[24, 4 D]; scale: float[3]; base: float[24]; eps: float[];
-//                 norm_eps: float[]
+//                 norm_eps: float[]; w: float[D] (NORM: the sub-layer norm's weight); out_eps: float[]
 // @outputs        u: T[N, D]; post: float[N, 4]; comb: float[N, 4, 4]
-// @template       T: type; D: int; ITERS: int
+// @template       T: type; D: int; ITERS: int; NORM: bool
 // @grid           (TG * N, 1, 1), TG = min(512, 4 D rounded up to 32)
 // @threadgroup    (TG, 1, 1)
 // @reference      mlx_dsv4.kernels.hc.hc_pre_reference
@@ -20,6 +20,9 @@
 //                 per Flash token. It replaces the RMS, the [24, 4D] matmul, the Sinkhorn kernel
 //                 and the weighted sum (~7 launches per call after mx.compile) with 1; splitting
 //                 the dots over threadgroups would need a second launch.
+//
+// NORM: u leaves already through the next sub-layer's RMSNorm (attn_norm / ffn_norm), as
+// rms_norm(u) computes it: the u rounded to T, its fp32 sum of squares, times weight in fp32.
 //
 // Layout: thread i of TG takes elements i, i + TG, ... of the 4 D stream values (coalesced reads
 // of X and of each fn row) and keeps 25 partial sums (24 dots + the sum of squares). simd_sum
@@ -109,10 +112,32 @@ if (sg == 0) {
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
+float ss = 0.0f;  // NORM: sum of squares of u as rounded to T
 for (uint j = tid; j < D; j += nt) {
   float s = pre[0] * float(x[j]);
   for (int k = 1; k < HC; ++k) {
     s += pre[k] * float(x[k * D + j]);
   }
-  u[size_t(tok) * D + j] = T(s);
+  const T ut = T(s);
+  u[size_t(tok) * D + j] = ut;
+  ss += float(ut) * float(ut);
+}
+if (NORM) {
+  // The sub-layer's RMSNorm of u (norm.rms_norm: fp32 statistics, weight in fp32, one rounding).
+  // Each thread rereads only the elements it wrote itself, so u needs no device-memory barrier.
+  threadgroup float sq[32];
+  ss = simd_sum(ss);
+  if (lane == 0) {
+    sq[sg] = ss;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float tot = 0.0f;
+  for (uint g = 0; g < (nt + 31) / 32; ++g) {
+    tot += sq[g];
+  }
+  const float r = metal::precise::rsqrt(tot * (1.0f / D) + out_eps);
+  for (uint j = tid; j < D; j += nt) {
+    const size_t o = size_t(tok) * D + j;
+    u[o] = T(float(u[o]) * r * float(w[j]));
+  }
 }

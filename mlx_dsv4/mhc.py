@@ -23,11 +23,12 @@ def sinkhorn_split(mix: mx.array, scale: mx.array, base: mx.array, hc: int, iter
     return kernels_mhc.sinkhorn_split(mix, scale, base, iters, eps)
 
 
-def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float):
-    """X [B, L, hc, d] -> (branch input u [B, L, d] in X.dtype, post, comb).
+def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None):
+    """X [B, L, hc, d] -> (branch input u [B, L, d] in X.dtype, post, comb); norm = (weight, eps):
+    u comes out through the sub-layer's RMSNorm.
 
     One fused Metal kernel on a Mac for hc = 4, the pure-MLX reference elsewhere (kernels/hc.py)."""
-    return kernels_hc.hc_pre(X, fn, scale, base, iters, eps, norm_eps)
+    return kernels_hc.hc_pre(X, fn, scale, base, iters, eps, norm_eps, norm)
 
 
 def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:

@@ -33,15 +33,17 @@ class Block(nn.Module):
             setattr(self, f"hc_{site}_scale", mx.ones((3,), dtype=mx.float32))
 
     def _hc(self, site: str, X: mx.array):
-        a = self.args
+        """The sub-layer's input, already through its RMSNorm (fused with mHC pre on Metal), post, comb."""
+        a, norm = self.args, getattr(self, f"{site}_norm")
         return hc_pre(X, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
-                      getattr(self, f"hc_{site}_base"), a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps)
+                      getattr(self, f"hc_{site}_base"), a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps,
+                      (norm.weight, norm.eps))
 
     def __call__(self, X: mx.array, tokens: mx.array, cache: LayerCache, qat: TrainedFormats) -> mx.array:
-        u, post, comb = self._hc("attn", X)
-        X = hc_post(self.attn(self.attn_norm(u), cache, qat), X, post, comb)
-        u, post, comb = self._hc("ffn", X)
-        return hc_post(self.ffn(self.ffn_norm(u), tokens), X, post, comb)
+        h, post, comb = self._hc("attn", X)
+        X = hc_post(self.attn(h, cache, qat), X, post, comb)
+        h, post, comb = self._hc("ffn", X)
+        return hc_post(self.ffn(h, tokens), X, post, comb)
 
 
 class HCHead(nn.Module):

@@ -23,6 +23,7 @@ from mlx_dsv4 import mhc as model_mhc
 from mlx_dsv4.kernels import hc, registry
 from mlx_dsv4.kernels.registry import load_spec
 from mlx_dsv4.kernels.sim import CpuKernel, run_metal_kernel_on_cpu
+from mlx_dsv4.norm import rms_norm
 
 PRE, POST = load_spec("hc_pre"), load_spec("hc_post")
 EPS, NORM_EPS, SINKHORN_TOL, U = 1e-6, 1e-6, 2e-6, 2.0**-24
@@ -87,12 +88,15 @@ def _case(lead, d, seed=0, dtype=mx.float32, spread=3.0):
     return X, fn, scale, base, y
 
 
-def _run_pre(spec, X, fn, scale, base, iters=20, norm_eps=NORM_EPS):
+def _run_pre(spec, X, fn, scale, base, iters=20, norm_eps=NORM_EPS, norm=None):
     n, _, d = X.shape
     tg = min(512, -(-4 * d // 32) * 32)
-    return run_metal_kernel_on_cpu(spec, [X, fn, scale, base, np.float32(EPS), np.float32(norm_eps)],
-                                   {"T": X.dtype, "D": d, "ITERS": iters}, (tg * n, 1, 1), (tg, 1, 1),
-                                   [(n, d), (n, 4), (n, 4, 4)], [X.dtype, mx.float32, mx.float32])
+    w, out_eps = (base, 0.0) if norm is None else norm
+    return run_metal_kernel_on_cpu(spec, [X, fn, scale, base, np.float32(EPS), np.float32(norm_eps), w,
+                                          np.float32(out_eps)],
+                                   {"T": X.dtype, "D": d, "ITERS": iters, "NORM": norm is not None},
+                                   (tg * n, 1, 1), (tg, 1, 1), [(n, d), (n, 4), (n, 4, 4)],
+                                   [X.dtype, mx.float32, mx.float32])
 
 
 def _run_post(spec, y, X, post, comb):
@@ -256,3 +260,50 @@ def test_bad_input_is_refused():
         hc.hc_post(y, X, mx.zeros((2, 4)), mx.zeros((2, 4, 3)))
     with pytest.raises(ValueError, match="hc_post kernel"):
         hc.hc_post_kernel(y.astype(mx.float16), X, mx.zeros((2, 4)), mx.zeros((2, 4, 4)))
+
+
+def _norm_case(d, dtype, seed):
+    X, fn, scale, base, _ = _case((5,), d, seed=seed, dtype=dtype)
+    w = mx.array(np.random.default_rng(seed).uniform(0.5, 1.5, d).astype(np.float32))
+    return X.reshape(5, 4, d), fn, scale, base, w
+
+
+def _norm_ok(spec, X, fn, scale, base, w):
+    """The fused sub-layer norm against rms_norm applied to the kernel's own u (so only the norm is
+    judged): both take the same T-rounded u, sum its squares in another order (within D 2^-24
+    relative) and round once to T: |diff| <= 1 ulp_T |ref| + D 2^-24 |ref| + the smallest normal."""
+    u, post, comb = _run_pre(spec, X, fn, scale, base)
+    y, post_n, comb_n = _run_pre(spec, X, fn, scale, base, norm=(w, 1e-6))
+    ref = np.array(rms_norm(mx.array(u).astype(X.dtype), w, 1e-6).astype(mx.float32))
+    tol = (ULP[X.dtype] + X.shape[-1] * U) * np.abs(ref) + 1e-30
+    same_rest = np.array_equal(post, post_n) and np.array_equal(comb, comb_n)
+    return same_rest and bool(np.all(np.abs(np.asarray(y, np.float64) - ref) <= tol)), y
+
+
+@needs_cxx
+@pytest.mark.parametrize("d,dtype", [(40, mx.float32), (200, mx.bfloat16), (72, mx.float16)])
+def test_hc_pre_with_the_sublayer_norm(d, dtype):
+    """NORM: u leaves through the sub-layer's RMSNorm; the whole thing also matches the reference
+    (hc_pre_reference with norm) within the u tolerance carried through the norm."""
+    X, fn, scale, base, w = _norm_case(d, dtype, seed=d)
+    ok, y = _norm_ok(PRE, X, fn, scale, base, w)
+    assert ok
+    ref, _, _ = hc.hc_pre_reference(X, fn, scale, base, 20, EPS, NORM_EPS, (w, 1e-6))
+    ref = np.array(ref.astype(mx.float32))
+    assert np.abs(y - ref).max() <= 4 * ULP[dtype] * np.abs(ref).max()
+
+
+BROKEN_NORM = {
+    "missing barrier before the norm's cross-SIMD-group sum": (
+        "    sq[sg] = ss;\n  }\n  threadgroup_barrier(mem_flags::mem_threadgroup);", "    sq[sg] = ss;\n  }"),
+    "norm sum over the first SIMD group only": ("tot += sq[g];", "tot = sq[0];"),
+    "weight index off by one": ("float(w[j])", "float(w[(j + 1) % D])"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("what", list(BROKEN_NORM))
+def test_broken_norm_variants_are_caught(what):
+    X, fn, scale, base, w = _norm_case(200, mx.float32, seed=4)
+    old, new = BROKEN_NORM[what]
+    assert assert_caught(lambda: _norm_ok(variant(PRE, old, new), X, fn, scale, base, w), lambda r: r[0])

@@ -14,6 +14,7 @@ import math
 
 import mlx.core as mx
 
+from ..norm import rms_norm
 from . import mhc, registry
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -27,7 +28,7 @@ def mixes(X: mx.array, fn: mx.array, norm_eps: float) -> mx.array:
     return (flat @ fn.astype(mx.float32).T) * rho
 
 
-def _check_pre(X: mx.array, fn: mx.array, scale: mx.array, base: mx.array) -> int:
+def _check_pre(X: mx.array, fn: mx.array, scale: mx.array, base: mx.array, norm=None) -> int:
     if X.ndim < 2:
         raise ValueError(f"hc_pre: X must be [..., hc, d], got shape {X.shape}")
     hc, d = X.shape[-2:]
@@ -35,6 +36,8 @@ def _check_pre(X: mx.array, fn: mx.array, scale: mx.array, base: mx.array) -> in
         raise ValueError(f"hc_pre: fn must be [(2+hc)*hc, hc*d] = [{(2 + hc) * hc}, {hc * d}], got {fn.shape}")
     if scale.shape != (3,) or base.shape != ((2 + hc) * hc,):
         raise ValueError(f"hc_pre: scale must be [3] and base [{(2 + hc) * hc}], got {scale.shape} and {base.shape}")
+    if norm is not None and (len(norm) != 2 or norm[0].shape != (d,)):
+        raise ValueError(f"hc_pre: norm must be (weight [{d}], eps), got {norm!r:.80}")
     return hc
 
 
@@ -49,13 +52,14 @@ def _check_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> int
     return hc
 
 
-def hc_pre_reference(X, fn, scale, base, iters: int, eps: float, norm_eps: float):
+def hc_pre_reference(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None):
     """(u [..., d] in X.dtype, post [..., hc], comb [..., hc, hc] float32). The split goes through
-    the sinkhorn_split dispatcher: its reference here, its own kernel on Metal."""
-    _check_pre(X, fn, scale, base)
+    the sinkhorn_split dispatcher: its reference here, its own kernel on Metal. norm: (weight, eps)
+    of the sub-layer's RMSNorm, applied to u (rms_norm) before it is returned."""
+    _check_pre(X, fn, scale, base, norm)
     pre, post, comb = mhc.sinkhorn_split(mixes(X, fn, norm_eps), scale, base, iters, eps)
-    u = (pre[..., None] * X.astype(mx.float32)).sum(axis=-2)
-    return u.astype(X.dtype), post, comb
+    u = (pre[..., None] * X.astype(mx.float32)).sum(axis=-2).astype(X.dtype)
+    return (u if norm is None else rms_norm(u, *norm)), post, comb
 
 
 def hc_post_reference(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
@@ -65,9 +69,9 @@ def hc_post_reference(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) 
     return (post[..., None] * y.astype(mx.float32)[..., None, :] + mixed).astype(X.dtype)
 
 
-def hc_pre_kernel(X, fn, scale, base, iters: int, eps: float, norm_eps: float):
+def hc_pre_kernel(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None):
     """The fused Metal kernel (hc = 4): one threadgroup per token, one launch for all tokens."""
-    hc = _check_pre(X, fn, scale, base)
+    hc = _check_pre(X, fn, scale, base, norm)
     if hc != 4 or X.dtype not in KERNEL_DTYPES:
         raise ValueError(f"hc_pre kernel: X must be [..., 4, d] in {KERNEL_DTYPES}, got {X.shape} {X.dtype}")
     if not isinstance(iters, int) or iters < 1:
@@ -78,10 +82,12 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, eps: float, norm_eps: float):
         return mx.zeros((*lead, d), dtype=X.dtype), mx.zeros((*lead, 4)), mx.zeros((*lead, 4, 4))
     f32 = mx.float32
     tg = min(512, -(-4 * d // 32) * 32)
+    w, out_eps = (base, 0.0) if norm is None else norm  # base: a placeholder the kernel never reads
     u, post, comb = registry.launch(
         "hc_pre", [X.reshape(n, 4, d), fn.astype(f32), scale.astype(f32), base.astype(f32),
-                   mx.array(eps, dtype=f32), mx.array(norm_eps, dtype=f32)],
-        template={"T": X.dtype, "D": d, "ITERS": iters}, grid=(tg * n, 1, 1), threadgroup=(tg, 1, 1),
+                   mx.array(eps, dtype=f32), mx.array(norm_eps, dtype=f32), w.astype(f32), mx.array(out_eps, dtype=f32)],
+        template={"T": X.dtype, "D": d, "ITERS": iters, "NORM": norm is not None}, grid=(tg * n, 1, 1),
+        threadgroup=(tg, 1, 1),
         output_shapes=[(n, d), (n, 4), (n, 4, 4)], output_dtypes=[X.dtype, f32, f32],
     )
     return u.reshape(*lead, d), post.reshape(*lead, 4), comb.reshape(*lead, 4, 4)
@@ -107,11 +113,11 @@ def hc_post_kernel(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> 
     return out.reshape(X.shape)
 
 
-def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float):
+def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None):
     """(u, post, comb): the fused kernel on Metal for hc = 4, the reference otherwise."""
     if registry.use_kernels() and X.ndim >= 2 and X.shape[-2] == 4 and X.dtype in KERNEL_DTYPES:
-        return hc_pre_kernel(X, fn, scale, base, iters, eps, norm_eps)
-    return hc_pre_reference(X, fn, scale, base, iters, eps, norm_eps)
+        return hc_pre_kernel(X, fn, scale, base, iters, eps, norm_eps, norm)
+    return hc_pre_reference(X, fn, scale, base, iters, eps, norm_eps, norm)
 
 
 def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
