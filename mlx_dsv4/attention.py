@@ -67,7 +67,7 @@ class Attention(nn.Module):
         nope_fp8 = D - r if qat.simulate else 0  # qat.kv: FP8 on the non-RoPE channels, or nothing
         fr = self._freqs
 
-        qr = self.q_norm(self.wq_a(x))
+        qr = rows_finish(self.wq_a(x), None, 0, norm=True, weight=self.q_norm.weight, eps=self.q_norm.eps)
         # weightless per-head norm, then RoPE
         q = rows_finish(self.wq_b(qr).reshape(B, L, H, D), fr, start, norm=True, eps=a.norm_eps)
         kv = rows_finish(self.wkv(x), fr, start, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps,

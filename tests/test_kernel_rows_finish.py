@@ -23,6 +23,7 @@ from mlx_dsv4.kernels import registry
 from mlx_dsv4.kernels import rows_finish as rf
 from mlx_dsv4.kernels.registry import load_spec
 from mlx_dsv4.kernels.sim import CpuKernel, run_metal_kernel_on_cpu
+from mlx_dsv4.norm import rms_norm
 
 SPEC = load_spec("rows_finish")
 U = 2.0**-24
@@ -104,6 +105,8 @@ def _oracle(x, w, freqs, pos0, step, norm, inverse, dtype):
 def _scale(ref, R):
     """|ref|, on rope channels the larger magnitude of the rotated pair."""
     s = np.abs(np.asarray(ref, np.float64))
+    if R == 0:
+        return s
     pair = np.maximum(s[..., -R::2], s[..., -R + 1::2])
     s[..., -R::2] = s[..., -R + 1::2] = pair
     return s
@@ -290,3 +293,20 @@ def test_bad_input_is_refused():
         rf.rows_finish(x, freqs, 0, dtype=mx.int32)
     with pytest.raises(ValueError, match="positions within int32"):
         rf.rows_finish_kernel(x, freqs, 2**31)
+
+
+@needs_cxx
+@pytest.mark.parametrize("D,T", [(1536, mx.bfloat16), (72, mx.float32)])
+def test_norm_only_rows(D, T):
+    """freqs None: the weighted RMSNorm alone (q_norm over q_lora_rank, 1536 wide in Pro): equal to
+    norm.rms_norm within the norm tolerance of _close (the rope channels, R = 0, do not exist)."""
+    x, w, _ = _data(1, 3, 0, D, 2, seed=D, xdtype=T)
+    kw = _kw("weighted", w, False, False, D, 0, T)
+    ref = rf.rows_finish_reference(x, None, 0, **kw)
+    np.testing.assert_array_equal(_np(ref), _np(rms_norm(x, w, EPS)))  # the reference is the model's norm
+    grid, tg = rf.launch_geometry(3)
+    tmpl = {"T": T, "D": D, "R": 0, "NOPE": 0, "NORM": True, "WEIGHT": True, "INVERSE": False}
+    (got,) = run_metal_kernel_on_cpu(SPEC, [x.reshape(1, 3, 1, D), w, np.zeros(8, np.float32),
+                                            mx.array([0, 1], mx.int32), mx.array(EPS, mx.float32)],
+                                     tmpl, grid, tg, [(1, 3, 1, D)], [T])
+    assert _close(got.reshape(x.shape), _np(ref), 0, T)

@@ -10,8 +10,6 @@ probabilities are rounded to q.dtype before the PV product; the output is in q.d
 
 from __future__ import annotations
 
-import functools
-
 import mlx.core as mx
 
 from ..kvstore import FP8Rows, Rows
@@ -113,23 +111,14 @@ def _head_tile(H: int, D: int, queries: int | None = None) -> int:
     return ht if queries is None else max(1, min(ht, queries * H // DECODE_THREADGROUPS))
 
 
-@functools.cache
-def _unused(shape: tuple, dtype) -> mx.array:
-    """A placeholder for an input the kernel's template never reads: built once, so a decode step's
-    graph holds no fill launch for it. 8+ elements keep it in device memory, like the real inputs."""
-    a = mx.zeros(shape, dtype)
-    mx.eval(a)
-    return a
-
-
 def _store_inputs(q, comp):
     """(FP8, NOPE, ck, ce, cr, n): the compressed entries as the kernel reads them, in place, or None
     when the form is not covered (the reference runs then)."""
     B, D = q.shape[0], q.shape[-1]
-    ce, cr = _unused((8,), mx.uint8), _unused((8,), q.dtype)
+    ce, cr = registry.placeholder((8,), mx.uint8), registry.placeholder((8,), q.dtype)
     n = 0 if comp is None else (comp.n if isinstance(comp, Rows) else comp.shape[1])
     if n == 0:
-        return False, D, _unused((B, 1, D), q.dtype), ce, cr, 0
+        return False, D, registry.placeholder((B, 1, D), q.dtype), ce, cr, 0
     if isinstance(comp, FP8Rows):
         p = comp.parts
         if comp.block != 64 or not 0 < comp.nope <= D or p["rope"].dtype != q.dtype:
@@ -156,7 +145,7 @@ def _launch(form, q, window, win_start, comp, comp_idx, sink, start, ratio, wind
     B, L, H, D = q.shape
     fp8, nope, ck, ce, cr, n = _store_inputs(q, comp)
     csa = comp_idx is not None
-    idx = comp_idx.astype(mx.int32) if csa else _unused((1, 1, 8), mx.int32)
+    idx = comp_idx.astype(mx.int32) if csa else registry.placeholder((1, 1, 8), mx.int32)
     ht = _head_tile(H, D, B * L if form == "decode" else None)
     pos = mx.array([start, win_start, n], dtype=mx.int32)
     tile = 1 if form == "decode" else QUERY_TILE

@@ -227,6 +227,15 @@ def get_kernel(name: str):
     )
 
 
+@functools.cache
+def placeholder(shape: tuple, dtype) -> mx.array:
+    """An input a kernel's template never reads, built once: a decode step's graph then holds no fill
+    launch for it. Use 8+ elements to keep it in device memory like the inputs it stands for."""
+    a = mx.zeros(shape, dtype)
+    mx.eval(a)
+    return a
+
+
 def launch(name: str, inputs: Sequence[mx.array], *, template=None, grid, threadgroup, output_shapes,
            output_dtypes, init_value: float | None = None) -> list[mx.array]:
     """Call kernel `name` with its template checked and put in declared order."""

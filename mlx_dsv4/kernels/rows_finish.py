@@ -5,7 +5,8 @@ reference's rounding points: optional RMSNorm (`norm`, with an optional `weight`
 last 2 len(freqs) channels at position pos0 + l step for the token at index l along L (`inverse` rotates
 back), optional FP8 e4m3 1x64 block rounding of the first `fp8_nope` channels (0: none). Used for q (per-head
 weightless norm), the window K = V (kv_norm + FP8), the inverse rotation of the attention output and the main
-compressor's entries (norm, RoPE at j * ratio, FP8). One launch instead of ~5-20 small ops each.
+compressor's entries (norm, RoPE at j * ratio, FP8), and with freqs None (no RoPE) q_norm. One launch
+instead of ~3-20 small ops each.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..rope import apply_rope, cos_sin
 from . import registry
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-MAX_D = 1024  # the kernel keeps a row in registers: D / 32 floats per lane
+MAX_D = 2048  # the kernel keeps a row in registers: D / 32 floats per lane (q_lora_rank 1536 in Pro)
 ROWS_PER_THREADGROUP = 8  # SIMD groups (one row each) per threadgroup
 _FP8 = TrainedFormats(True)
 
@@ -28,9 +29,9 @@ def _check(x, freqs, weight, fp8_nope, step, dtype) -> tuple[int, int]:
     if x.ndim not in (3, 4) or not mx.issubdtype(x.dtype, mx.floating):
         raise ValueError(f"rows_finish: x must be a float [B, L, D] or [B, L, H, D] array, got {x.dtype} {x.shape}")
     D = x.shape[-1]
-    if freqs.ndim != 1 or freqs.dtype != mx.float32 or not 0 < 2 * freqs.shape[0] <= D:
-        raise ValueError(f"rows_finish: freqs must be float32 [R / 2] with 0 < R <= D = {D}, got {freqs.dtype} "
-                         f"{freqs.shape}")
+    if freqs is not None and (freqs.ndim != 1 or freqs.dtype != mx.float32 or not 0 < 2 * freqs.shape[0] <= D):
+        raise ValueError(f"rows_finish: freqs must be None (no RoPE) or float32 [R / 2] with 0 < R <= D = {D}, "
+                         f"got {freqs.dtype} {freqs.shape}")
     if D % 2:
         raise ValueError(f"rows_finish: x's last axis must be even (rotated pairs), got {D}")
     if weight is not None and weight.shape != (D,):
@@ -41,7 +42,7 @@ def _check(x, freqs, weight, fp8_nope, step, dtype) -> tuple[int, int]:
         raise ValueError(f"rows_finish: step must be a positive int, got {step!r}")
     if dtype is not None and not mx.issubdtype(dtype, mx.floating):
         raise ValueError(f"rows_finish: dtype must be a float dtype, got {dtype}")
-    return D, 2 * freqs.shape[0]
+    return D, 0 if freqs is None else 2 * freqs.shape[0]
 
 
 def rows_finish_reference(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6,
@@ -52,10 +53,11 @@ def rows_finish_reference(x, freqs, pos0: int, step: int = 1, *, norm=False, wei
     if norm:
         y = rms_norm(y, weight, eps)
     L = x.shape[1]
-    cos, sin = cos_sin(mx.arange(pos0, pos0 + L * step, step), freqs)
-    if x.ndim == 4:
-        cos, sin = cos[:, None], sin[:, None]
-    y = apply_rope(y, cos, sin, inverse=inverse)
+    if freqs is not None:
+        cos, sin = cos_sin(mx.arange(pos0, pos0 + L * step, step), freqs)
+        if x.ndim == 4:
+            cos, sin = cos[:, None], sin[:, None]
+        y = apply_rope(y, cos, sin, inverse=inverse)
     return _FP8.kv(y, fp8_nope) if fp8_nope else y
 
 
@@ -87,6 +89,8 @@ def rows_finish_kernel(x, freqs, pos0: int, step: int = 1, *, norm=False, weight
         return mx.zeros(x.shape, dtype=T)
     grid, tg = launch_geometry(rows)
     pos = mx.array([pos0, step], dtype=mx.int32)
+    if freqs is None:  # no RoPE (R = 0): the kernel never reads inv_freq
+        freqs = registry.placeholder((8,), mx.float32)
     w = freqs if weight is None else weight  # never read without a weight
     tmpl = {"T": T, "D": D, "R": R, "NOPE": fp8_nope, "NORM": bool(norm), "WEIGHT": bool(norm and weight is not None),
             "INVERSE": bool(inverse)}
