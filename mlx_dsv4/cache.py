@@ -19,20 +19,48 @@ from .kvstore import Rows, make_rows
 
 
 class CompressorState:
-    """Rolling state of one Compressor: leftover rows and (overlap only) the previous window."""
+    """Rolling state of one Compressor: leftover rows and (overlap only) the previous window.
 
-    __slots__ = ("rows_kv", "rows_gate", "prev_kv", "prev_gate")
+    Leftover rows (a and g + ape, float32) are kept as a list of per-call pieces and joined only when
+    a window completes, so a decode step that completes none copies nothing (on Metal: no launch)."""
+
+    FIELDS = ("rows_kv", "rows_gate", "prev_kv", "prev_gate")
+    __slots__ = ("_kv", "_gate", "prev_kv", "prev_gate")
 
     def __init__(self):
-        self.rows_kv = self.rows_gate = self.prev_kv = self.prev_gate = None
+        self._kv, self._gate = [], []
+        self.prev_kv = self.prev_gate = None
+
+    @property
+    def pending(self) -> int:
+        return sum(r.shape[1] for r in self._kv)
+
+    def add(self, a: mx.array, g: mx.array) -> None:
+        self._kv.append(a)
+        self._gate.append(g)
+
+    def joined(self, a: mx.array, g: mx.array) -> tuple[mx.array, mx.array]:
+        """The pending rows followed by a / g, in one copy each; the pending list empties."""
+        ka, kg = self._kv + [a], self._gate + [g]
+        self._kv, self._gate = [], []
+        return (ka[0], kg[0]) if len(ka) == 1 else (mx.concatenate(ka, axis=1), mx.concatenate(kg, axis=1))
+
+    def _get(self, parts: list) -> mx.array | None:
+        if len(parts) > 1:
+            parts[:] = [mx.concatenate(parts, axis=1)]
+        return parts[0] if parts else None
+
+    rows_kv = property(lambda self: self._get(self._kv), lambda self, v: setattr(self, "_kv", [] if v is None else [v]))
+    rows_gate = property(lambda self: self._get(self._gate),
+                         lambda self, v: setattr(self, "_gate", [] if v is None else [v]))
 
     def arrays(self) -> dict:
-        return {k: getattr(self, k) for k in self.__slots__}
+        return {k: getattr(self, k) for k in self.FIELDS}
 
     @classmethod
     def from_arrays(cls, d: dict) -> "CompressorState":
         s = cls()
-        for k in cls.__slots__:
+        for k in cls.FIELDS:
             v = d.get(k)
             setattr(s, k, v if v is None or v.size else None)
         return s
@@ -70,6 +98,10 @@ class LayerCache(_BaseCache):
     @property
     def compressed(self) -> mx.array | None:
         return self._comp.view()
+
+    @property
+    def index_store(self) -> Rows:
+        return self._index
 
     @property
     def index_keys(self) -> mx.array | None:

@@ -45,18 +45,18 @@ class Compressor(nn.Module):
         # fp32 x fp32-promoted weights: the reference runs these projections in float32.
         a = self.wkv(xf).astype(mx.float32)
         g = self.wgate(xf).astype(mx.float32)
-        ape_idx = (mx.arange(start, start + L) % m).astype(mx.int32)
-        g = g + self.ape.astype(mx.float32)[ape_idx]
-        if state.rows_kv is not None:
-            a = mx.concatenate([state.rows_kv, a], axis=1)
-            g = mx.concatenate([state.rows_gate, g], axis=1)
-        first = (start - (0 if state.rows_kv is None else state.rows_kv.shape[1])) // m
-        n = a.shape[1] // m
-        state.rows_kv, state.rows_gate = a[:, n * m :], g[:, n * m :]
-        if state.rows_kv.shape[1] == 0:
-            state.rows_kv = state.rows_gate = None
-        if n == 0:
+        ape = self.ape.astype(mx.float32)
+        o = start % m
+        # Positions start.. in one window: a static slice of ape (a view); else gather by position.
+        g = g + (ape[o : o + L] if o + L <= m else ape[(mx.arange(start, start + L) % m).astype(mx.int32)])
+        pending = state.pending
+        first = (start - pending) // m
+        if pending + L < m:  # no window completes: keep the rows for later, copy nothing
+            state.add(a, g)
             return mx.zeros((B, 0, D), dtype=mx.float32), first
+        a, g = state.joined(a, g)
+        n = a.shape[1] // m
+        state.rows_kv, state.rows_gate = (a[:, n * m :], g[:, n * m :]) if a.shape[1] > n * m else (None, None)
         wa = a[:, : n * m].reshape(B, n, m, -1)
         wg = g[:, : n * m].reshape(B, n, m, -1)
         prev = (None, None)
