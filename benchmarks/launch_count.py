@@ -123,9 +123,11 @@ def main(argv=None):
     p.add_argument("-v", "--verbose", action="store_true", help="list the most frequent primitives")
     a = p.parse_args(argv)
     m = mlx_model("flash", simulate_qat=True)
-    # Routed experts in the checkpoint's mxfp4, the format the expert kernels read.
+    # Routed experts in the checkpoint's mxfp4 and shared experts in its mxfp8, the formats the expert kernels read.
     nn.quantize(m, class_predicate=lambda _p, mod: isinstance(mod, SwitchLinear), group_size=32, bits=4,
                 mode="mxfp4")
+    nn.quantize(m, class_predicate=lambda p, mod: "shared_experts" in p and isinstance(mod, nn.Linear),
+                group_size=32, bits=8, mode="mxfp8")
     before = count_layers(m, a.context)
     with kernels_counted():
         after = count_layers(m, a.context)

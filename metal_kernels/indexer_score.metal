@@ -1,28 +1,34 @@
 // Lightning-indexer scores (spec §4.2): score[b, l, n] = sum_h w[b, l, h] relu(q[b, l, h] . k[b, n])
-// for n < (offset[b] + l + 1) / RATIO, and -inf for the entries query l cannot see yet.
+// for n < (offset[b] + l + 1) / RATIO, and -inf for the entries query l cannot see yet. The keys are
+// the first n_keys rows of k: dense, or (FP4) the compact store read in place, decoded as
+// kvstore.FP4Rows.decode does: e2m1(code) * 2^(exp - 127) in fp32, rounded to T.
 //
 // @kernel         indexer_score
-// @inputs         q: T[B, L, H, DQ]; k: T[B, N, DQ]; w: float[B, L, H]; offset: int32[B]
+// @inputs         q: T[B, L, H, DQ]; k: T[B, cap, DQ] dense | uint8[B, cap, DQ/2] FP4 codes, channel 2j in
+//                    the low nibble of byte j; kexp: uint8[B, cap, DQ/32] E8M0 (FP4) | a dummy (dense);
+//                    w: float[B, L, H]; offset: int32[B]; n_keys: int32[] (valid rows N <= cap)
 // @outputs        score: float[B, L, N]
-// @template       T: type; H: int; DQ: int; RATIO: int
+// @template       T: type; H: int; DQ: int; RATIO: int; FP4: bool
 // @grid           (128 * ceil(N / 32), L, B)
 // @threadgroup    (128, 1, 1)
 // @reference      mlx_dsv4.kernels.indexer_score.indexer_score_reference
 // @tolerance      |kernel - reference| <= 2 (DQ + H + 2) 2^-24 sum_h |w_h| sum_d |q_hd k_nd| elementwise
-//                 (both sum the same terms in fp32 in different orders); -inf entries exactly
-// @bytes          B L N DQ s (keys, once per query row; decode L = 1) + B L H DQ s + 4 B L (H + N),
-//                 s = sizeof(T)
-// @flops          2 B L N H DQ
-// @decode-share   Flash, context t: N = t/4 keys x 128 fp32 = 128 t bytes and 4096 t FLOP per CSA
-//                 layer, 21 layers: at 64K ~0.2 ms (~1.5% of a ~14 ms step), at 1M ~3.4 ms of
-//                 reads and ~3 ms of fp32 math (~28 TFLOP/s) - the case for reading the FP4 keys
-//                 directly (8x fewer bytes) in a later kernel.
+//                 (both sum the same terms in fp32 in different orders; FP4 keys decode bit-exactly
+//                 to the reference's values); -inf entries exactly
+// @bytes          B L N s_k (keys, once per query row; decode L = 1) + B L H DQ s + 4 B L (H + N);
+//                 s_k = DQ sizeof(T) dense (256 B per key in bf16), DQ/2 + DQ/32 FP4 (68 B at DQ 128)
+// @flops          2 B L N H DQ (+ 2 per decoded FP4 channel)
+// @decode-share   Flash, context t: N = t/4 keys x 68 B (FP4 store) = 17 t bytes and 4096 t FLOP per
+//                 CSA layer, 21 layers: at 64K ~0.03 ms of reads + ~0.2 ms of fp32 math (~28 TFLOP/s),
+//                 ~1.5% of a ~14 ms step; at 1M ~0.45 ms of reads and ~3 ms of math (~25%): math-bound
+//                 now, where dense fp32 keys cost ~3.4 ms of reads on top plus the ~7-launch decode
+//                 pass over all keys that the in-place read removes.
 //
 // Layout: one threadgroup (4 SIMD groups) scores KT = 32 keys for one query (b, l). The key tile
-// is staged in threadgroup memory (coalesced loads, one barrier). SIMD group s takes keys
-// 8 s .. 8 s + 7; lane i takes heads i, i + 32, ... and forms, for each of its 8 keys, the partial
-// sum over its heads of w_h relu(q_h . k). reduce_8 then sums the 8 partials over the 32 lanes in
-// 9 shuffles. Tiles that query l cannot see at all only write -inf.
+// is staged (decoded, for FP4) in threadgroup memory as floats (coalesced loads, one barrier).
+// SIMD group s takes keys 8 s .. 8 s + 7; lane i takes heads i, i + 32, ... and forms, for each of
+// its 8 keys, the partial sum over its heads of w_h relu(q_h . k). reduce_8 then sums the 8 partials
+// over the 32 lanes in 9 shuffles. Tiles that query l cannot see at all only write -inf.
 
 // @header
 // Sum v[0..7] over the 32 lanes, all eight at once: at each step a lane keeps half of its values
@@ -42,10 +48,51 @@ inline float reduce_8(thread float* v, uint lane) {
   return s + simd_shuffle_xor(s, 1);
 }
 
+// e2m1 codes: bit 3 the sign, bits 0-2 index the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+constant float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                           -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+// E8M0 byte -> 2^(b - 127), as formats.e8m0_to_float: 0 is the subnormal 2^-127, 255 NaN.
+inline float e8m0(uint8_t b) {
+  return b == 255 ? NAN : as_type<float>(b ? uint(b) << 23 : 0x00400000u);
+}
+
+// Stage `valid` rows (flat index row0 = b * cap + n0 onwards) of the key tile as floats, zeros after.
+// The pointer types are template parameters: a small input lands in the constant address space.
+template <bool FP4> struct Keys;
+template <> struct Keys<false> {
+  template <typename T, int DQ, int KT, typename KP, typename EP>
+  static void stage(threadgroup float* ks, KP k, EP, size_t row0, uint valid, uint tid, uint nt) {
+    for (uint i = tid; i < KT * DQ; i += nt) {
+      ks[i] = i / DQ < valid ? float(k[row0 * DQ + i]) : 0.0f;
+    }
+  }
+};
+template <> struct Keys<true> {
+  // One packed byte per step: both of its channels share the 32-channel block's scale. The product
+  // is exact or rounded once in fp32, then to T, exactly as the reference decodes.
+  template <typename T, int DQ, int KT, typename KP, typename EP>
+  static void stage(threadgroup float* ks, KP k, EP kexp, size_t row0, uint valid, uint tid, uint nt) {
+    for (uint i = tid; i < KT * DQ / 2; i += nt) {
+      const uint r = i / (DQ / 2), j = i % (DQ / 2);
+      float lo = 0.0f, hi = 0.0f;
+      if (r < valid) {
+        const uint byte = k[(row0 + r) * (DQ / 2) + j];
+        const float s = e8m0(kexp[(row0 + r) * (DQ / 32) + j / 16]);
+        lo = float(T(E2M1[byte & 15u] * s));
+        hi = float(T(E2M1[byte >> 4] * s));
+      }
+      ks[2 * i] = lo;  // channels 2 j, 2 j + 1 of row r: r DQ + 2 j = 2 i
+      ks[2 * i + 1] = hi;
+    }
+  }
+};
+
 // @source
 constexpr int KT = 32;  // keys per threadgroup
 constexpr int KS = 8;   // keys per SIMD group (reduce_8)
 static_assert(KT * DQ * 4 <= 32768, "key tile exceeds 32 KiB of threadgroup memory");
+static_assert(!FP4 || DQ % 32 == 0, "FP4 keys come in 32-channel scale blocks");
 threadgroup float ks[KT * DQ];
 
 const uint tile = threadgroup_position_in_grid.x;
@@ -55,7 +102,8 @@ const uint tid = thread_index_in_threadgroup;
 const uint sg = simdgroup_index_in_threadgroup;
 const uint lane = thread_index_in_simdgroup;
 const uint L = q_shape[1];
-const uint N = k_shape[1];
+const uint cap = k_shape[1];  // rows allocated per batch row; the first N hold keys
+const uint N = n_keys;
 const uint n0 = tile * KT;
 const int visible = (offset[b] + int(l) + 1) / RATIO;
 device float* out = score + (size_t(b) * L + l) * N;
@@ -67,10 +115,8 @@ if (int(n0) >= visible) {  // the same for the whole threadgroup: no barrier is 
   return;
 }
 
-for (uint i = tid; i < KT * DQ; i += 128) {
-  const uint r = i / DQ;
-  ks[i] = n0 + r < N ? float(k[(size_t(b) * N + n0 + r) * DQ + i % DQ]) : 0.0f;
-}
+Keys<FP4>::template stage<T, DQ, KT>(ks, k, kexp, size_t(b) * cap + n0, metal::min(uint(KT), N - n0), tid,
+                                     128);
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
 const device T* qr = q + (size_t(b) * L + l) * H * DQ;

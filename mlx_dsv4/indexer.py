@@ -14,34 +14,26 @@ import mlx.nn as nn
 
 from .compressor import Compressor
 from .kernels.index_finish import index_finish
-from .kernels.indexer_score import indexer_score
+from .kernels.indexer_topk import top_k_visible
+from .kernels.indexer_score import indexer_score, scoring_keys
+from .kvstore import Rows
 
 _SCORE_BUDGET = 1 << 20  # elements of the [Lb, H, Nb] score block kept live at once
 
 
-def index_scores(q: mx.array, k: mx.array, w: mx.array, start: int, ratio: int) -> mx.array:
-    """q [B, L, H, Dk], k [B, N, Dk], w [B, L, H] -> causal scores [B, L, N] (float32, -inf masked).
+def index_scores(q: mx.array, k, w: mx.array, start: int, ratio: int) -> mx.array:
+    """q [B, L, H, Dk], k [B, N, Dk] or a key store, w [B, L, H] -> causal scores [B, L, N] (float32, -inf masked).
 
     One Metal kernel on a Mac, the pure-MLX reference elsewhere (kernels/indexer_score.py)."""
     return indexer_score(q, k, w, start, ratio)
 
 
-def top_k_visible(scores: mx.array, k: int, start: int, ratio: int) -> mx.array:
-    """Top-k entry ids per query [B, L, k] (int32), -1 where fewer than k are visible."""
-    N = scores.shape[-1]
-    k = min(k, N)
-    if k < N:
-        idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
-    else:
-        idx = mx.broadcast_to(mx.arange(N, dtype=mx.int32), scores.shape)
-    visible = ((mx.arange(start, start + scores.shape[1]) + 1) // ratio)[None, :, None]
-    return mx.where(idx < visible, idx, -1)
-
-
-def select(q: mx.array, k: mx.array, w: mx.array, start: int, ratio: int, topk: int) -> mx.array:
-    """Score and select per query block, so neither [L, H, N] nor [L, N] is ever materialised whole."""
+def select(q: mx.array, k, w: mx.array, start: int, ratio: int, topk: int) -> mx.array:
+    """Score and select per query block, so neither [L, H, N] nor [L, N] is ever materialised whole.
+    k: [B, N, Dk] or the key store (kvstore.Rows), which the kernel reads in place where it can."""
     B, L, H, _ = q.shape
-    step = max(1, min(L, _SCORE_BUDGET // max(1, B * H * k.shape[1])))
+    k = scoring_keys(q, k)
+    step = max(1, min(L, _SCORE_BUDGET // max(1, B * H * (k.n if isinstance(k, Rows) else k.shape[1]))))
     ids = []
     for s in range(0, L, step):
         sc = index_scores(q[:, s : s + step], k, w[:, s : s + step], start + s, ratio)
@@ -69,8 +61,8 @@ class Indexer(nn.Module):
         if c.shape[1]:
             cache.push_index_keys(index_finish(c.astype(x.dtype), freqs, first * comp.ratio, comp.ratio, simulate,
                                                comp.norm.weight, comp.norm.eps))
-        K = cache.index_keys
-        if K is None or K.shape[1] == 0:
+        K = cache.index_store  # the kernel reads it in place; otherwise select decodes it once
+        if not K.n:
             return None
         q = index_finish(self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim), freqs, start, 1, simulate)
         w = self.weights_proj(x).astype(mx.float32) * self.weight_scale

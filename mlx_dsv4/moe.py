@@ -58,6 +58,14 @@ class Expert(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype))
 
+    def mxfp8(self) -> tuple | None:
+        """The (w1, w3, w2) (weight, scales) pairs if all three are in the layout the expert kernels
+        read as their shared slot (nn.QuantizedLinear mxfp8, group 32, no bias), else None."""
+        layers = (self.w1, self.w3, self.w2)
+        if all(_is_mx(m, "mxfp8", 8) and type(m) is nn.QuantizedLinear for m in layers):
+            return tuple((m.weight, m.scales) for m in layers)
+        return None
+
 
 def _expert_mm(layer: nn.Module, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
     """One stacked projection for the selected experts (dense or quantized, via mlx-lm's layers)."""
@@ -69,11 +77,16 @@ def _expert_mm(layer: nn.Module, x: mx.array, idx: mx.array, sorted_indices: boo
     return layer(x, idx, sorted_indices=sorted_indices)
 
 
-def _is_mxfp4(layer: nn.Module) -> bool:
-    """mlx-lm's QuantizedSwitchLinear in the layout the expert kernels read (no biases of any kind)."""
-    return (getattr(layer, "mode", None) == "mxfp4" and layer.group_size == 32 and layer.bits == 4
+def _is_mx(layer: nn.Module, mode: str, bits: int) -> bool:
+    """A quantized layer in the layout the expert kernels read (group 32, no biases of any kind)."""
+    return (getattr(layer, "mode", None) == mode and layer.group_size == 32 and layer.bits == bits
             and getattr(layer, "biases", None) is None and getattr(layer, "global_scale", None) is None
             and "bias" not in layer)
+
+
+def _is_mxfp4(layer: nn.Module) -> bool:
+    """mlx-lm's QuantizedSwitchLinear in the layout the expert kernels read (no biases of any kind)."""
+    return _is_mx(layer, "mxfp4", 4)
 
 
 class RoutedExperts(nn.Module):
@@ -86,12 +99,20 @@ class RoutedExperts(nn.Module):
         self.w3 = SwitchLinear(dim, inter, n_experts, bias=False)
         self.limit = limit
 
-    def __call__(self, x: mx.array, ids: mx.array, weights: mx.array) -> mx.array:
-        """x [N, d], ids/weights [N, k] -> sum_e w_e * expert_e(x) [N, d] in float32."""
+    def takes_kernels(self, ids: mx.array) -> bool:
+        """Decode-sized routing (no sorting) on mxfp4 weights with the kernels available."""
         layers = (self.w1, self.w3, self.w2)
-        if ids.size < SORT_ROWS and registry.use_kernels() and all(_is_mxfp4(m) for m in layers):
-            w1, w3, w2 = ((m.weight, m.scales) for m in layers)
-            return expert_kernels.routed_experts(x, ids, weights, w1, w3, w2, self.limit)
+        return ids.size < SORT_ROWS and registry.use_kernels() and all(_is_mxfp4(m) for m in layers)
+
+    def __call__(self, x: mx.array, ids: mx.array, weights: mx.array, shared=None) -> mx.array:
+        """x [N, d], ids/weights [N, k] -> sum_e w_e * expert_e(x) [N, d] in float32; with shared (the
+        shared expert's Expert.mxfp8() pairs, kernel path only) + the shared expert's output."""
+        kernels = self.takes_kernels(ids)
+        if shared is not None and not kernels:
+            raise ValueError("routed experts: shared is fused only on the kernel path (see takes_kernels)")
+        if kernels:
+            w1, w3, w2 = ((m.weight, m.scales) for m in (self.w1, self.w3, self.w2))
+            return expert_kernels.routed_experts(x, ids, weights, w1, w3, w2, self.limit, shared)
         xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, d]
         do_sort = ids.size >= SORT_ROWS  # group rows by expert so each expert's weights are read once
         idx, inv, wts = ids, None, weights
@@ -119,5 +140,9 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         w, ids = self.gate(flat, tokens.reshape(-1))
-        y = self.experts(flat, ids, w) + self.shared_experts(flat).astype(mx.float32)
+        shared = self.shared_experts.mxfp8() if self.experts.takes_kernels(ids) else None
+        if shared is not None:  # decode on a converted checkpoint: routed + shared in the two kernels
+            y = self.experts(flat, ids, w, shared)
+        else:
+            y = self.experts(flat, ids, w) + self.shared_experts(flat).astype(mx.float32)
         return y.astype(x.dtype).reshape(shape)  # back to the model dtype: fp32 must not leak

@@ -1,13 +1,16 @@
 """Lightning-indexer scores: the pure-MLX reference and the Metal kernel (metal_kernels/indexer_score.metal).
 
 score[b, l, n] = sum_h w[b, l, h] * relu(q[b, l, h] . k[b, n]) in float32 for the entries query l of
-row b can see, n < (offset[b] + l + 1) // ratio, and -inf for the others (spec §4.2).
+row b can see, n < (offset[b] + l + 1) // ratio, and -inf for the others (spec §4.2). The keys k are a
+[B, N, D] array or a row store (kvstore.Rows): the kernel reads a dense or FP4 store in place, the
+reference decodes it through the store's view(), as the cache's index_keys does.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from ..kvstore import FP4Rows, Rows
 from . import registry
 
 SCORE_BUDGET = 1 << 21  # elements of a [B, Lb, H, Nb] block the reference keeps live at once
@@ -23,20 +26,35 @@ def _offsets(offset, batch: int) -> mx.array:
     return off
 
 
-def _check(q: mx.array, k: mx.array, w: mx.array, ratio: int) -> None:
-    if q.ndim != 4 or k.ndim != 3 or w.ndim != 3:
+def _key_shape(k, q: mx.array) -> tuple:
+    """(B, N, D) of the keys: an array's shape, or a store's valid rows and decoded width."""
+    if not isinstance(k, Rows):
+        return tuple(k.shape)
+    if not isinstance(k, FP4Rows) and k.kind != "dense":
+        raise ValueError(f"indexer_score: k must be an array or a dense / FP4 row store, got a {k.kind!r} store")
+    if not k.n:
+        return q.shape[0], 0, q.shape[-1]
+    p = k.parts["packed"] if isinstance(k, FP4Rows) else k.parts["rows"]
+    return p.shape[0], k.n, p.shape[2] * (2 if isinstance(k, FP4Rows) else 1)
+
+
+def _check(q: mx.array, k, w: mx.array, ratio: int) -> None:
+    ks = _key_shape(k, q)
+    if q.ndim != 4 or len(ks) != 3 or w.ndim != 3:
         raise ValueError(f"indexer_score: want q [B, L, H, D], k [B, N, D], w [B, L, H]; got q {q.shape}, "
-                         f"k {k.shape}, w {w.shape}")
+                         f"k {ks}, w {w.shape}")
     B, L, H, D = q.shape
-    if k.shape[0] != B or k.shape[2] != D or w.shape != (B, L, H):
-        raise ValueError(f"indexer_score: shapes disagree: q {q.shape}, k {k.shape}, w {w.shape}")
+    if ks[0] != B or ks[2] != D or w.shape != (B, L, H):
+        raise ValueError(f"indexer_score: shapes disagree: q {q.shape}, k {ks}, w {w.shape}")
     if not isinstance(ratio, int) or ratio < 1:
         raise ValueError(f"indexer_score: ratio must be an int >= 1, got {ratio!r}")
 
 
-def indexer_score_reference(q: mx.array, k: mx.array, w: mx.array, offset: int | mx.array, ratio: int) -> mx.array:
+def indexer_score_reference(q: mx.array, k, w: mx.array, offset: int | mx.array, ratio: int) -> mx.array:
     """[B, L, N] float32 scores; blocks over queries and keys keep at most SCORE_BUDGET elements live."""
     _check(q, k, w, ratio)
+    if isinstance(k, Rows):
+        k = k.view() if k.n else mx.zeros((q.shape[0], 0, q.shape[-1]), q.dtype)
     B, L, H, _ = q.shape
     N = k.shape[1]
     off = _offsets(offset, B)
@@ -59,27 +77,61 @@ def indexer_score_reference(q: mx.array, k: mx.array, w: mx.array, offset: int |
     return rows[0] if len(rows) == 1 else mx.concatenate(rows, axis=1)
 
 
-def indexer_score_kernel(q: mx.array, k: mx.array, w: mx.array, offset: int | mx.array, ratio: int) -> mx.array:
-    """The Metal kernel: one threadgroup per (query, 32-key tile)."""
+def _key_inputs(q: mx.array, k):
+    """(FP4, k, kexp, n): the keys as the kernel reads them, in place, or None for forms it does not
+    cover. The keys the kernel sees (decoded, for FP4) must be in q's dtype."""
+    if not isinstance(k, Rows):
+        return (False, k, _no_exps(), k.shape[1]) if k.dtype == q.dtype else None
+    if isinstance(k, FP4Rows):
+        decoded = k.dtype or mx.float32  # what FP4Rows.decode gives (float32 for a store restored from arrays)
+        if not k.n or k.block != 32 or q.shape[-1] % 32 or decoded != q.dtype:
+            return None
+        return True, k.parts["packed"], k.parts["exps"], k.n
+    if k.kind == "dense" and k.n and k.parts["rows"].dtype == q.dtype:
+        return False, k.parts["rows"], _no_exps(), k.n
+    return None
+
+
+def _no_exps() -> mx.array:
+    return registry.placeholder((8,), mx.uint8)  # the dense form's kexp, never read
+
+
+def kernel_supported(q: mx.array, k) -> bool:
+    return q.dtype in KERNEL_DTYPES and q.shape[-1] <= 256 and _key_inputs(q, k) is not None
+
+
+def indexer_score_kernel(q: mx.array, k, w: mx.array, offset: int | mx.array, ratio: int) -> mx.array:
+    """The Metal kernel: one threadgroup per (query, 32-key tile); a store is read in place."""
     _check(q, k, w, ratio)
     B, L, H, D = q.shape
-    N = k.shape[1]
-    if q.dtype != k.dtype or q.dtype not in KERNEL_DTYPES or D > 256:
-        raise ValueError(f"indexer_score kernel: q and k must share a dtype in {KERNEL_DTYPES} with head dim "
-                         f"<= 256; got {q.dtype}, {k.dtype}, D={D}")
+    N = _key_shape(k, q)[1]
     if B * L * N == 0:
         return mx.full((B, L, N), -mx.inf, dtype=mx.float32)
+    if not kernel_supported(q, k):
+        raise ValueError(f"indexer_score kernel: q and k must share a dtype in {KERNEL_DTYPES} with head dim "
+                         f"<= 256, k an array or a dense / FP4 (32-channel blocks, D % 32 == 0) store; got q "
+                         f"{q.dtype}, k {getattr(k, 'dtype', None) or type(k).__name__}, D={D}")
+    fp4, kk, kexp, n = _key_inputs(q, k)
     (score,) = registry.launch(
-        "indexer_score", [q, k, w.astype(mx.float32), _offsets(offset, B)],
-        template={"T": q.dtype, "H": H, "DQ": D, "RATIO": ratio},
+        "indexer_score", [q, kk, kexp, w.astype(mx.float32), _offsets(offset, B), mx.array(n, dtype=mx.int32)],
+        template={"T": q.dtype, "H": H, "DQ": D, "RATIO": ratio, "FP4": fp4},
         grid=(128 * (-(-N // 32)), L, B), threadgroup=(128, 1, 1),
         output_shapes=[(B, L, N)], output_dtypes=[mx.float32],
     )
     return score
 
 
-def indexer_score(q: mx.array, k: mx.array, w: mx.array, offset: int | mx.array, ratio: int) -> mx.array:
-    """Causal indexer scores [B, L, N]: the kernel on Metal, the reference elsewhere."""
-    if registry.use_kernels() and q.dtype == k.dtype and q.dtype in KERNEL_DTYPES and q.shape[-1] <= 256:
+def scoring_keys(q: mx.array, k):
+    """What indexer_score should be given for these keys: a store the kernel will read in place as is,
+    any other store decoded once here (not once per query block) through its view()."""
+    if isinstance(k, Rows) and not (registry.use_kernels() and kernel_supported(q, k)):
+        return k.view()
+    return k
+
+
+def indexer_score(q: mx.array, k, w: mx.array, offset: int | mx.array, ratio: int) -> mx.array:
+    """Causal indexer scores [B, L, N]: the kernel on Metal, the reference elsewhere or for key forms
+    the kernel does not cover. k: [B, N, D] or a kvstore.Rows store."""
+    if registry.use_kernels() and kernel_supported(q, k):
         return indexer_score_kernel(q, k, w, offset, ratio)
     return indexer_score_reference(q, k, w, offset, ratio)
