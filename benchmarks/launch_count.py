@@ -2,11 +2,15 @@
 mx.compile fusion. On Metal each primitive that computes is (about) one kernel launch, and
 single-stream decode of this model is bound by launches, not bytes.
 
-    python benchmarks/launch_count.py [--context 600]
+    python benchmarks/launch_count.py [--context 600] [-v]
 
 The step is traced layer by layer (the cache's Python-side state is a trace-time constant), on
-the tiny Flash-shaped model: counts depend on the layer type, not on widths. View-only primitives
-(reshape, slice, broadcast, transpose, ...) are listed apart: Metal runs no kernel for most.
+the tiny Flash-shaped model with mxfp4 routed and mxfp8 shared experts (as converted): counts
+depend on the layer type, not on widths. View-only primitives (reshape, slice, broadcast,
+transpose, ...) are not counted: Metal runs no kernel for them. A compressed layer does more work
+on the step that completes one of its windows (every 4th token in CSA, every 128th in HCA), so
+those steps are counted too and the per-token figure is the mean over a window cycle. Kernel
+calls are counted through stand-ins, as Metal kernels cannot be traced where there is no Metal.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from tinymodels import mlx_model, tokens  # noqa: E402
 
 from mlx_dsv4.cache import LayerCache  # noqa: E402
 from mlx_dsv4.kernels import registry  # noqa: E402
+from mlx_dsv4.kvstore import Rows  # noqa: E402
 
 NAMES = {0: "sliding (ratio 0)", 4: "CSA (ratio 4)", 128: "HCA (ratio 128)"}
 FLASH = {0: 2, 4: 21, 128: 20}  # layers of each type in V4-Flash
@@ -49,7 +54,8 @@ def _count(outputs) -> collections.Counter:
 
 
 def layer_step_counts(block, cache: LayerCache, X, tok, qat) -> tuple[collections.Counter, collections.Counter]:
-    state = cache.state
+    with _full_capacity():  # row stores keep their spare capacity through the state round trip
+        state = cache.state
     flat = tree_flatten(state)
     idx = [i for i, (_, v) in enumerate(flat) if isinstance(v, mx.array)]
 
@@ -63,6 +69,18 @@ def layer_step_counts(block, cache: LayerCache, X, tok, qat) -> tuple[collection
 
     arrays = [flat[i][1] for i in idx]
     return _counted(step, X, tok, *arrays), _counted(mx.compile(step), X, tok, *arrays)
+
+
+@contextlib.contextmanager
+def _full_capacity():
+    """Rows.arrays() trims stores to their rows; a live cache appends into spare capacity instead
+    (it grows by 256 rows at a time), so the traced step must not pay a reallocation per append."""
+    trim = Rows.arrays
+    Rows.arrays = lambda self: {"kind": self.kind, "n": self.n, **self.parts}
+    try:
+        yield
+    finally:
+        Rows.arrays = trim
 
 
 _KERNEL_CALLS = collections.Counter()
@@ -99,7 +117,7 @@ def kernels_counted():
 
 
 def count_layers(m, context: int) -> dict:
-    """{ratio: (eager, compiled)} primitive counts of one decode step, one layer of each type."""
+    """{ratio: (eager, compiled)} primitive counts of the decode step at position `context`."""
     cache = m.make_cache()
     toks = mx.array(tokens(context + 1))
     X = m.hidden_streams(toks[:, :context], cache)
@@ -119,8 +137,8 @@ def _launches(c: collections.Counter) -> int:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--context", type=int, default=600, help="tokens already in the cache")
-    p.add_argument("-v", "--verbose", action="store_true", help="list the most frequent primitives")
+    p.add_argument("--context", type=int, default=600, help="tokens already in the cache (rounded to 128 k + 88)")
+    p.add_argument("-v", "--verbose", action="store_true", help="list the primitives left with the kernels")
     a = p.parse_args(argv)
     m = mlx_model("flash", simulate_qat=True)
     # Routed experts in the checkpoint's mxfp4 and shared experts in its mxfp8, the formats the expert kernels read.
@@ -128,25 +146,32 @@ def main(argv=None):
                 mode="mxfp4")
     nn.quantize(m, class_predicate=lambda p, mod: "shared_experts" in p and isinstance(mod, nn.Linear),
                 group_size=32, bits=8, mode="mxfp8")
-    before = count_layers(m, a.context)
+    plain = a.context // 128 * 128 + 88  # completes no window; +3: a CSA window, +39: an HCA one too
+    steps = {"plain": plain, "csa": plain + 3, "hca": plain + 39}
+    before = {k: count_layers(m, c) for k, c in steps.items()}
     with kernels_counted():
-        after = count_layers(m, a.context)
-    print(f"decode step at context {a.context}, device {mx.default_device()}, MLX {mx.__version__}; "
-          f"primitives that launch a kernel (views excluded), eager / after mx.compile")
-    print("| layer type | reference | reference, compiled | kernels | kernels, compiled | custom kernels |")
-    print("|---|---:|---:|---:|---:|---:|")
+        after = {k: count_layers(m, c) for k, c in steps.items()}
+    print(f"decode step at context ~{plain}, device {mx.default_device()}, MLX {mx.__version__}: primitives that "
+          f"launch a kernel (views excluded); 'window' = the step completing a compressor window")
+    print("| layer type | reference, eager | reference, compiled | kernels, eager | kernels, compiled "
+          "| kernels, compiled, window step | kernels, mean per token | custom kernels |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     totals = collections.Counter()
-    for r in sorted(before):
-        row = [_launches(c) for c in (*before[r], *after[r])]
-        print(f"| {NAMES[r]} | " + " | ".join(map(str, row)) + f" | {after[r][1]['CustomKernel']} |")
-        for j, v in enumerate(row):
-            totals[j] += FLASH[r] * v
-    print(f"Flash schedule (2 sliding + 21 CSA + 20 HCA), per token: reference {totals[0]} eager / {totals[1]} "
-          f"compiled; kernels {totals[2]} eager / {totals[3]} compiled")
+    for r in sorted(before["plain"]):
+        (be, bc), (ke, kc) = before["plain"][r], after["plain"][r]
+        win = _launches(after["csa" if r == 4 else "hca"][r][1])
+        mean = _launches(kc) + (win - _launches(kc)) / r if r else _launches(kc)
+        print(f"| {NAMES[r]} | {_launches(be)} | {_launches(bc)} | {_launches(ke)} | {_launches(kc)} | "
+              f"{win if r else '-'} | {mean:.1f} | {kc['CustomKernel']} |")
+        ref_win = _launches(before["csa" if r == 4 else "hca"][r][1])
+        totals["ref"] += FLASH[r] * (_launches(bc) + (ref_win - _launches(bc)) / max(r, 1))
+        totals["ker"] += FLASH[r] * mean
+    print(f"Flash schedule (2 sliding + 21 CSA + 20 HCA), mean launches per token after mx.compile: "
+          f"reference {totals['ref']:.0f}, kernels {totals['ker']:.0f}")
     if a.verbose:
-        for r in sorted(after):
-            print(NAMES[r], "with kernels, compiled:",
-                  dict(collections.Counter({k: v for k, v in after[r][1].items() if k not in VIEWS}).most_common(40)))
+        for r in sorted(after["plain"]):
+            left = {k: v for k, v in after["plain"][r][1].items() if k not in VIEWS}
+            print(NAMES[r], "with kernels, compiled:", dict(collections.Counter(left).most_common(40)))
     return before, after
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .formats import fp4_block_dequantize, fp4_block_quantize, fp8_block_dequantize, fp8_block_quantize, \
-    pack_fp4, unpack_fp4
+from .formats import fp4_block_dequantize, fp8_block_dequantize, unpack_fp4
+from .kernels.store_encode import fp4_encode, fp8_encode
 
 _STEP = 256  # growth granularity (amortises reallocation at decode)
 
@@ -92,7 +92,7 @@ class FP8Rows(Rows):
         self.nope, self.block = nope, block
 
     def encode(self, rows):
-        codes, exps = fp8_block_quantize(rows, block=self.block, dims=self.nope)
+        codes, exps = fp8_encode(rows, self.nope, self.block)
         return {"codes": codes, "exps": exps, "rope": rows[..., self.nope :]}
 
     def decode(self, p, dtype):
@@ -113,8 +113,8 @@ class FP4Rows(Rows):
 
     def encode(self, rows):
         self.dtype = self.dtype or rows.dtype
-        codes, exps = fp4_block_quantize(rows, block=self.block)
-        return {"packed": pack_fp4(codes), "exps": exps}
+        packed, exps = fp4_encode(rows, self.block)
+        return {"packed": packed, "exps": exps}
 
     def decode(self, p, dtype):
         return fp4_block_dequantize(unpack_fp4(p["packed"]), p["exps"], block=self.block,
