@@ -38,3 +38,16 @@ def assert_caught(run, matches) -> str:
         return f"harness: {e}"
     assert not matches(outs), "the broken kernel was not caught: its output passes the reference check"
     return "mismatch"
+
+
+def fake_metal(monkeypatch, spec) -> "CpuKernel":
+    """Make the dispatch see Metal with every kernel served by one CpuKernel of `spec` (a KernelSpec
+    or a name): the wrapper's own launch runs on the harness. Returns it, to count its calls."""
+    from mlx_dsv4.kernels import registry
+    from mlx_dsv4.kernels.sim import CpuKernel
+
+    kernel = CpuKernel(spec)
+    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
+    monkeypatch.setattr(registry, "metal_available", lambda: True)
+    monkeypatch.setattr(registry, "get_kernel", lambda name: kernel)
+    return kernel

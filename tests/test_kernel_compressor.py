@@ -12,7 +12,7 @@ Tolerance (elementwise), with S slots (2m with overlap, else m) and w the softma
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_util import assert_caught, needs_cxx, variant
+from kernel_util import assert_caught, fake_metal, needs_cxx, variant
 
 from mlx_dsv4 import compressor as comp_mod
 from mlx_dsv4.cache import CompressorState
@@ -20,7 +20,7 @@ from mlx_dsv4.compressor import Compressor
 from mlx_dsv4.kernels import compressor_pool as cp
 from mlx_dsv4.kernels import registry
 from mlx_dsv4.kernels.registry import load_spec
-from mlx_dsv4.kernels.sim import CpuKernel, run_metal_kernel_on_cpu
+from mlx_dsv4.kernels.sim import run_metal_kernel_on_cpu
 
 SPEC = load_spec("compressor_pool")
 U = 2.0**-24
@@ -201,10 +201,7 @@ def test_kernel_matches_reference(name):
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
-    k = CpuKernel(SPEC)
-    monkeypatch.setattr(registry, "metal_available", lambda: True)
-    monkeypatch.setattr(registry, "get_kernel", lambda name: k)
+    k = fake_metal(monkeypatch, SPEC)
     return k
 
 

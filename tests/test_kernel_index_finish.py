@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_util import assert_caught, needs_cxx, variant
+from kernel_util import assert_caught, fake_metal, needs_cxx, variant
 
 from mlx_dsv4 import formats
 from mlx_dsv4.cache import LayerCache
@@ -27,7 +27,7 @@ from mlx_dsv4.indexer import Indexer
 from mlx_dsv4.kernels import index_finish as ixf
 from mlx_dsv4.kernels import registry
 from mlx_dsv4.kernels.registry import load_spec
-from mlx_dsv4.kernels.sim import CpuKernel, kernels_on_cpu, run_metal_kernel_on_cpu
+from mlx_dsv4.kernels.sim import kernels_on_cpu, run_metal_kernel_on_cpu
 from mlx_dsv4.norm import RMSNorm
 from mlx_dsv4.qat import TrainedFormats
 from mlx_dsv4.rope import apply_rope, cos_sin
@@ -163,10 +163,7 @@ def test_kernel_reproduces_the_trained_vectors():
 
 @needs_cxx
 def test_dispatch_through_the_wrapper(monkeypatch):
-    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
-    fake = CpuKernel(SPEC)
-    monkeypatch.setattr(registry, "metal_available", lambda: True)
-    monkeypatch.setattr(registry, "get_kernel", lambda name: fake)
+    fake = fake_metal(monkeypatch, SPEC)
     x, fr, w = _case(2, 3, None, 128, 32, True, mx.float32, 3)
     ref = ixf.index_finish_reference(x, fr, 8, 4, True, w, 1e-6)
     assert _ok(ixf.index_finish(x, fr, 8, 4, True, w, 1e-6), ref, mx.float32, True) and fake.calls == 1

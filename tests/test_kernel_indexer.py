@@ -13,7 +13,7 @@ must equal kernel(store.view()) bit for bit, and the reference within the bound 
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_util import assert_caught, needs_cxx, variant
+from kernel_util import assert_caught, fake_metal, needs_cxx, variant
 
 from mlx_dsv4 import indexer
 from mlx_dsv4.cache import LayerCache
@@ -103,10 +103,7 @@ def test_kernel_matches_reference(name):
 
 @needs_cxx
 def test_dispatch_through_the_wrapper(monkeypatch):
-    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
-    fake = CpuKernel(SPEC)
-    monkeypatch.setattr(registry, "metal_available", lambda: True)
-    monkeypatch.setattr(registry, "get_kernel", lambda name: fake)
+    fake = fake_metal(monkeypatch, SPEC)
     q, k, w, _ = _case(2, 2, 64, 128, 40, [0, 0], seed=5)
     ref = ix.indexer_score_reference(q, k, w, 150, 4)
     assert _ok(ix.indexer_score(q, k, w, 150, 4), ref, q, k, w) and fake.calls == 1
@@ -285,10 +282,7 @@ def test_fp4_store_bad_input_is_refused():
 def test_dense_store_is_read_in_place(monkeypatch):
     """A non-compact cache's dense store (capacity 256 > n rows, batch 2) goes to the kernel as is, with
     the capacity as the row stride: the same sums as the kernel on the sliced keys, bit for bit."""
-    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
-    fake = CpuKernel(SPEC)
-    monkeypatch.setattr(registry, "metal_available", lambda: True)
-    monkeypatch.setattr(registry, "get_kernel", lambda name: fake)
+    fake = fake_metal(monkeypatch, SPEC)
     rng = np.random.default_rng(4)
     cache = LayerCache(4, 8, compact=False)
     for n in (5, 30):

@@ -11,13 +11,13 @@ valid reference answer: right size, every id scoring at least the k-th value.
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_util import assert_caught, needs_cxx, variant
+from kernel_util import assert_caught, fake_metal, needs_cxx, variant
 
 from mlx_dsv4 import indexer
 from mlx_dsv4.kernels import indexer_topk as it
 from mlx_dsv4.kernels import registry
 from mlx_dsv4.kernels.registry import load_spec
-from mlx_dsv4.kernels.sim import CpuKernel, run_metal_kernel_on_cpu
+from mlx_dsv4.kernels.sim import run_metal_kernel_on_cpu
 
 SPEC = load_spec("indexer_topk")
 
@@ -130,10 +130,7 @@ def test_per_row_offsets():
 
 @needs_cxx
 def test_dispatch_through_the_wrapper(monkeypatch):
-    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
-    fake = CpuKernel(SPEC)
-    monkeypatch.setattr(registry, "metal_available", lambda: True)
-    monkeypatch.setattr(registry, "get_kernel", lambda name: fake)
+    fake = fake_metal(monkeypatch, SPEC)
     s = _scores(2, 3, 700, 2790, 4, "normal", seed=7)
     ref = it.top_k_visible_reference(mx.array(s), 100, 2790, 4)
     ids = it.top_k_visible(mx.array(s), 100, 2790, 4)

@@ -9,11 +9,11 @@ Tolerance: 2e-6 absolute everywhere (fp32, values in [0, 2]). The official vecto
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_util import assert_caught, needs_cxx, variant
+from kernel_util import assert_caught, fake_metal, needs_cxx, variant
 
 from mlx_dsv4.kernels import mhc, registry
 from mlx_dsv4.kernels.registry import load_spec
-from mlx_dsv4.kernels.sim import CpuKernel, run_metal_kernel_on_cpu
+from mlx_dsv4.kernels.sim import run_metal_kernel_on_cpu
 
 TOL = 2e-6
 SPEC = load_spec("sinkhorn_split")
@@ -74,9 +74,7 @@ def test_dispatch_kernel_on_metal_reference_otherwise(monkeypatch):
     leading batch dims) runs here through the harness standing in for Metal."""
     monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
     assert registry.use_kernels() == mx.metal.is_available()
-    fake = CpuKernel(SPEC)
-    monkeypatch.setattr(registry, "metal_available", lambda: True)
-    monkeypatch.setattr(registry, "get_kernel", lambda name: fake)
+    fake = fake_metal(monkeypatch, SPEC)
     m, s, b = _random(6, seed=7)
     mixes = mx.array(m).reshape(2, 3, 24)
     ref = mhc.sinkhorn_split_reference(mixes, mx.array(s), mx.array(b))

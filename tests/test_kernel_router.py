@@ -14,12 +14,12 @@ must be equal; ties are tested separately (lowest index first in the kernel).
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_util import assert_caught, needs_cxx, variant
+from kernel_util import assert_caught, fake_metal, needs_cxx, variant
 
 from mlx_dsv4.kernels import registry
 from mlx_dsv4.kernels import router as rt
 from mlx_dsv4.kernels.registry import load_spec
-from mlx_dsv4.kernels.sim import CpuKernel, run_metal_kernel_on_cpu
+from mlx_dsv4.kernels.sim import run_metal_kernel_on_cpu
 
 SPEC = load_spec("moe_router")
 SCALE = 1.5
@@ -155,10 +155,7 @@ def test_ties_give_a_valid_set_lowest_index_first(E, period, k):
 
 @needs_cxx
 def test_dispatch_through_the_wrapper(monkeypatch):
-    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
-    fake = CpuKernel(SPEC)
-    monkeypatch.setattr(registry, "metal_available", lambda: True)
-    monkeypatch.setattr(registry, "get_kernel", lambda name: fake)
+    fake = fake_metal(monkeypatch, SPEC)
     x, w, kw = _case(3, 8, 64, 2, False, seed=7)
     got = rt.route(x, w, 2, SCALE, **kw)
     assert fake.calls == 1 and got[1].dtype == mx.int32 and _ok(got, rt.route_reference(x, w, 2, SCALE, **kw), x, w)

@@ -16,13 +16,13 @@ Tolerances (elementwise, s = |ref|, on rope channels the larger magnitude of the
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_util import assert_caught, needs_cxx, variant
+from kernel_util import assert_caught, fake_metal, needs_cxx, variant
 
 from mlx_dsv4.formats import fp8_block_roundtrip
 from mlx_dsv4.kernels import registry
 from mlx_dsv4.kernels import rows_finish as rf
 from mlx_dsv4.kernels.registry import load_spec
-from mlx_dsv4.kernels.sim import CpuKernel, run_metal_kernel_on_cpu
+from mlx_dsv4.kernels.sim import run_metal_kernel_on_cpu
 from mlx_dsv4.norm import rms_norm
 
 SPEC = load_spec("rows_finish")
@@ -221,10 +221,7 @@ def test_kernel_matches_reference(name):
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
-    k = CpuKernel(SPEC)
-    monkeypatch.setattr(registry, "metal_available", lambda: True)
-    monkeypatch.setattr(registry, "get_kernel", lambda name: k)
+    k = fake_metal(monkeypatch, SPEC)
     return k
 
 

@@ -10,12 +10,12 @@ power-of-two reciprocal, clamp, nearest-even), so they must agree bit for bit on
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_util import assert_caught, needs_cxx, variant
+from kernel_util import assert_caught, fake_metal, needs_cxx, variant
 
 from mlx_dsv4.kernels import registry
 from mlx_dsv4.kernels import store_encode as se
 from mlx_dsv4.kernels.registry import load_spec
-from mlx_dsv4.kernels.sim import CpuKernel, run_metal_kernel_on_cpu
+from mlx_dsv4.kernels.sim import run_metal_kernel_on_cpu
 from mlx_dsv4.kvstore import FP4Rows, FP8Rows
 
 SPEC = load_spec("store_encode")
@@ -160,10 +160,7 @@ def test_kernel_matches_reference(name):
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
-    k = CpuKernel(SPEC)
-    monkeypatch.setattr(registry, "metal_available", lambda: True)
-    monkeypatch.setattr(registry, "get_kernel", lambda name: k)
+    k = fake_metal(monkeypatch, SPEC)
     return k
 
 
