@@ -156,7 +156,7 @@ def main(argv=None):
     print("| layer type | reference, eager | reference, compiled | kernels, eager | kernels, compiled "
           "| kernels, compiled, window step | kernels, mean per token | custom kernels |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    totals = collections.Counter()
+    totals, means = collections.Counter(), {}
     for r in sorted(before["plain"]):
         (be, bc), (ke, kc) = before["plain"][r], after["plain"][r]
         win = _launches(after["csa" if r == 4 else "hca"][r][1])
@@ -166,13 +166,14 @@ def main(argv=None):
         ref_win = _launches(before["csa" if r == 4 else "hca"][r][1])
         totals["ref"] += FLASH[r] * (_launches(bc) + (ref_win - _launches(bc)) / max(r, 1))
         totals["ker"] += FLASH[r] * mean
+        means[r] = (_launches(bc), mean)
     print(f"Flash schedule (2 sliding + 21 CSA + 20 HCA), mean launches per token after mx.compile: "
           f"reference {totals['ref']:.0f}, kernels {totals['ker']:.0f}")
     if a.verbose:
         for r in sorted(after["plain"]):
             left = {k: v for k, v in after["plain"][r][1].items() if k not in VIEWS}
             print(NAMES[r], "with kernels, compiled:", dict(collections.Counter(left).most_common(40)))
-    return before, after
+    return means
 
 
 if __name__ == "__main__":
