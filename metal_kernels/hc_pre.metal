@@ -49,6 +49,7 @@ constexpr uint W = HC * D;
 threadgroup float part[32 * NR];  // one row of NR partials per SIMD group (<= 1024 threads)
 threadgroup float sums[NR];
 threadgroup float pre[HC];
+threadgroup float sq[32];  // NORM: per-SIMD-group sums of squares of u
 
 const uint tok = threadgroup_position_in_grid.x;
 const uint tid = thread_index_in_threadgroup;
@@ -125,7 +126,6 @@ for (uint j = tid; j < D; j += nt) {
 if (NORM) {
   // The sub-layer's RMSNorm of u (norm.rms_norm: fp32 statistics, weight in fp32, one rounding).
   // Each thread rereads only the elements it wrote itself, so u needs no device-memory barrier.
-  threadgroup float sq[32];
   ss = simd_sum(ss);
   if (lane == 0) {
     sq[sg] = ss;

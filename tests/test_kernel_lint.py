@@ -28,6 +28,7 @@ BAD = [  # (rule, snippet, section)
     ("cuda", "__syncthreads();", "source"),
     ("threadgroup", "threadgroup float a[4], b[4];", "source"),
     ("threadgroup", "inline void f() { threadgroup float t[4]; }", "header"),
+    ("threadgroup", "if (lane == 0) {\n  threadgroup float t[4];\n}", "source"),
 ]
 
 

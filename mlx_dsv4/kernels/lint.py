@@ -112,6 +112,9 @@ def _threadgroup_issues(code: str, section: str, line) -> list[LintIssue]:
         elif m.start() not in declared:
             issues.append(LintIssue("threadgroup", line(m.start()),
                                     "declare threadgroup memory one array per statement: `threadgroup T name[N];`"))
+        elif code.count("{", 0, m.start()) != code.count("}", 0, m.start()):
+            issues.append(LintIssue("threadgroup", line(m.start()),
+                                    "declare threadgroup memory at the kernel's top level, not inside a block"))
     return issues
 
 
