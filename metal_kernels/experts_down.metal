@@ -6,7 +6,7 @@
 // dtype) before the float32 add, as the model's MoE adds routed + shared.
 //
 // @kernel         experts_down
-// @include        experts_common
+// @include        formats; experts_common
 // @inputs         h: float[N, K + SHARED, I]; ids: int32|uint32[N, K]; wt: float[N, K];
 //                 w2: uint32[E, D, I/8]; s2: uint8[E, D, I/32]; w2s: uint32[D, I/4]; s2s: uint8[D, I/32]
 //                 (without SHARED the wrapper passes w2, s2 again: never read)

@@ -5,7 +5,7 @@
 // first, as the model's nn.QuantizedLinear returns x's dtype.
 //
 // @kernel         experts_gate_up
-// @include        experts_common
+// @include        formats; experts_common
 // @inputs         x: T[N, D]; ids: int32|uint32[N, K]; w1: uint32[E, I, D/8]; s1: uint8[E, I, D/32];
 //                 w3: uint32[E, I, D/8]; s3: uint8[E, I, D/32]; limit: float[];
 //                 w1s: uint32[I, D/4]; s1s: uint8[I, D/32]; w3s: uint32[I, D/4]; s3s: uint8[I, D/32]

@@ -6,6 +6,7 @@
 //                 norm_eps: float[]; w: float[D] (NORM: the sub-layer norm's weight); out_eps: float[]
 // @outputs        u: T[N, D]; post: float[N, 4]; comb: float[N, 4, 4]
 // @template       T: type; D: int; ITERS: int; NORM: bool
+// @include        sinkhorn
 // @grid           (TG * N, 1, 1), TG = min(512, 4 D rounded up to 32)
 // @threadgroup    (TG, 1, 1)
 // @reference      mlx_dsv4.kernels.hc.hc_pre_reference
@@ -30,18 +31,6 @@
 // 0..24 add the group partials in a fixed order. SIMD group 0 then runs the split exactly as
 // sinkhorn_split.metal (16 lanes per token, lanes 16..31 a harmless duplicate so no shuffle is
 // divergent); pre goes through threadgroup memory to the weighted sum.
-
-// @header
-// Sum over the four lanes of this lane's row (xor 1, 2) or column (xor 4, 8) of the 4 x 4 comb
-// held one entry per lane (lane e = 4 j + k): (a + b) + (c + d), the same on every lane.
-inline float row_sum(float v) {
-  v += simd_shuffle_xor(v, 1);
-  return v + simd_shuffle_xor(v, 2);
-}
-inline float col_sum(float v) {
-  v += simd_shuffle_xor(v, 4);
-  return v + simd_shuffle_xor(v, 8);
-}
 
 // @source
 constexpr int HC = 4, NMIX = (2 + HC) * HC, NR = NMIX + 1;  // 24 dots, then the sum of squares
@@ -95,18 +84,7 @@ if (sg == 0) {
   } else if (lane < 8) {
     post[tok * 4 + e - 4] = 2.0f / (1.0f + metal::exp(-(sums[e] * rho * scale[1] + base[e])));
   }
-  // Row softmax (max-subtracted), + eps, a column normalisation, then ITERS - 1 rounds of rows
-  // then columns: the last step normalises columns.
-  float c = sums[8 + e] * rho * scale[2] + base[8 + e];
-  float top = metal::max(c, simd_shuffle_xor(c, 1));
-  top = metal::max(top, simd_shuffle_xor(top, 2));
-  c = metal::exp(c - top);
-  c = c / row_sum(c) + eps;
-  c = c / (col_sum(c) + eps);
-  for (int it = 1; it < ITERS; ++it) {
-    c = c / (row_sum(c) + eps);
-    c = c / (col_sum(c) + eps);
-  }
+  const float c = sinkhorn_comb(sums[8 + e] * rho * scale[2] + base[8 + e], eps, ITERS);
   if (lane < 16) {
     comb[size_t(tok) * 16 + e] = c;
   }

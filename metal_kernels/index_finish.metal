@@ -6,6 +6,7 @@
 // @inputs         x: T[B, L, H, D]; freqs: float[R2]; weight: float[D]; pos: int32[2]; consts: float[2]
 // @outputs        out: T[B, L, H, D]
 // @template       T: type; D: int; R2: int; NORM: bool; QAT: bool
+// @include        formats
 // @grid           (32 B L H, 1, 1): one SIMD group per row
 // @threadgroup    (min(32 B L H, 128), 1, 1); rows never share anything, so any multiple of 32 works
 // @reference      mlx_dsv4.kernels.index_finish.index_finish_reference
@@ -31,11 +32,6 @@
 // E2M1 magnitude of code c = 0..7: 0, .5, 1, 1.5, 2, 3, 4, 6.
 inline float e2m1_magnitude(uint c) {
   return c < 4 ? 0.5f * float(c) : c < 7 ? float(c - 2) : 6.0f;
-}
-
-// 2^(b - 127) for an E8M0 byte b, exactly as formats.e8m0_to_float (0: 2^-127, 255: NaN).
-inline float e8m0(uint b) {
-  return b == 0 ? as_type<float>(0x00400000u) : b == 255 ? as_type<float>(0x7FC00000u) : as_type<float>(b << 23);
 }
 
 // FP4 round trip of the bf16 value r whose 32-value block has |max| amax: formats._block_quantize

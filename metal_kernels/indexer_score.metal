@@ -9,6 +9,7 @@
 //                    w: float[B, L, H]; offset: int32[B]; n_keys: int32[] (valid rows N <= cap)
 // @outputs        score: float[B, L, N]
 // @template       T: type; H: int; DQ: int; RATIO: int; FP4: bool
+// @include        formats
 // @grid           (128 * ceil(N / 32), L, B)
 // @threadgroup    (128, 1, 1)
 // @reference      mlx_dsv4.kernels.indexer_score.indexer_score_reference
@@ -46,15 +47,6 @@ inline float reduce_8(thread float* v, uint lane) {
   float s = (b2 ? c[1] : c[0]) + simd_shuffle_xor(b2 ? c[0] : c[1], 4);
   s += simd_shuffle_xor(s, 2);
   return s + simd_shuffle_xor(s, 1);
-}
-
-// e2m1 codes: bit 3 the sign, bits 0-2 index the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
-constant float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
-                           -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-
-// E8M0 byte -> 2^(b - 127), as formats.e8m0_to_float: 0 is the subnormal 2^-127, 255 NaN.
-inline float e8m0(uint8_t b) {
-  return b == 255 ? NAN : as_type<float>(b ? uint(b) << 23 : 0x00400000u);
 }
 
 // Stage `valid` rows (flat index row0 = b * cap + n0 onwards) of the key tile as floats, zeros after.

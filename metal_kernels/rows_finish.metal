@@ -6,6 +6,7 @@
 //                 pos: int32[2] (pos0, step: the token at index l along L is at pos0 + l step); eps: float[]
 // @outputs        out: T[B, L, H, D]
 // @template       T: type; D: int; R: int; NOPE: int; NORM: bool; WEIGHT: bool; INVERSE: bool
+// @include        formats
 // @grid           (32, B L H, 1): one SIMD group per row, lane l holding channels l + 32 k
 // @threadgroup    (32, min(rows, 8), 1); no threadgroup memory or barriers: rows are independent
 // @reference      mlx_dsv4.kernels.rows_finish.rows_finish_reference (rms_norm, cos_sin + apply_rope,
@@ -32,11 +33,6 @@
 // k = 2b, 2b + 1 over all 32 lanes, so the block amax is one simd_max.
 
 // @header
-// 2^e for -126 <= e <= 127, from the bits.
-inline float pow2i(int e) {
-  return as_type<float>(uint(e + 127) << 23);
-}
-
 // e4m3fn round-to-nearest-even of |y| <= 448: in the binade 2^e the step is 2^(e-3), and 2^-9 below
 // 2^-6 (subnormals); y 2^(3-e) is exact, so rint (ties to even) picks the code. Keeps the sign of zero.
 inline float e4m3_round(float y) {

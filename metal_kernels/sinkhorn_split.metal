@@ -4,6 +4,7 @@
 // @inputs         mixes: float[N, 24]; scale: float[3]; base: float[24]; eps: float[]
 // @outputs        pre: float[N, 4]; post: float[N, 4]; comb: float[N, 4, 4]
 // @template       ITERS: int
+// @include        sinkhorn
 // @grid           (16 * N, 1, 1)
 // @threadgroup    (min(16 * N, 256), 1, 1)
 // @reference      mlx_dsv4.kernels.mhc.sinkhorn_split_reference
@@ -22,18 +23,6 @@
 // and column sums with xor 4, 8. A 16-lane group never talks to another, so the partial SIMD
 // group at the end of an odd-N grid is harmless. Lanes 0-7 also produce pre and post.
 
-// @header
-// Sum over the four lanes of this lane's row (xor 1, 2) or column (xor 4, 8); every lane of the
-// row / column gets the same value, (a + b) + (c + d).
-inline float row_sum(float v) {
-  v += simd_shuffle_xor(v, 1);
-  return v + simd_shuffle_xor(v, 2);
-}
-inline float col_sum(float v) {
-  v += simd_shuffle_xor(v, 4);
-  return v + simd_shuffle_xor(v, 8);
-}
-
 // @source
 const uint gid = thread_position_in_grid.x;
 const uint tok = gid / 16;
@@ -46,16 +35,5 @@ if (e < 4) {
   post[tok * 4 + e - 4] = 2.0f / (1.0f + metal::exp(-(m[e] * scale[1] + base[e])));
 }
 
-// Row softmax (max-subtracted), + eps, then a column normalisation ...
-float c = m[8 + e] * scale[2] + base[8 + e];
-float top = metal::max(c, simd_shuffle_xor(c, 1));
-top = metal::max(top, simd_shuffle_xor(top, 2));
-c = metal::exp(c - top);
-c = c / row_sum(c) + eps;
-c = c / (col_sum(c) + eps);
-// ... and ITERS - 1 rounds of rows then columns; the last step normalises columns.
-for (int it = 1; it < ITERS; ++it) {
-  c = c / (row_sum(c) + eps);
-  c = c / (col_sum(c) + eps);
-}
+const float c = sinkhorn_comb(m[8 + e] * scale[2] + base[8 + e], eps, ITERS);
 comb[size_t(tok) * 16 + e] = c;

@@ -1,19 +1,6 @@
 // Shared by sparse_attention_decode.metal and sparse_attention_prefill.metal (their `@include`):
 // reading compressed entries (dense or FP8 in place) and the SIMD-group reductions both forms use.
 
-// e4m3fn code -> float, exactly: normal (8 + m) 2^(e - 10) built from bits, subnormal m 2^-9, 0x7f NaN.
-inline float e4m3(uint8_t c) {
-  const uint e = (c >> 3) & 15, m = c & 7;
-  float v = e ? as_type<float>(((e + 120) << 23) | (m << 20)) : float(m) * 0.001953125f;
-  v = (c & 0x7f) == 0x7f ? NAN : v;
-  return (c & 0x80) ? -v : v;
-}
-
-// E8M0 byte -> 2^(b - 127); 0 is the subnormal 2^-127, 255 NaN.
-inline float e8m0(uint8_t b) {
-  return b == 255 ? NAN : as_type<float>(b ? uint(b) << 23 : 0x00400000u);
-}
-
 // Channel d of compressed row `row` (a flat batch * cap index): dense rows, or FP8 codes times their
 // 64-channel block scale (the last block may be partial) for d < nope and the rope channels (in T) after.
 template <bool FP8> struct Comp;

@@ -8,7 +8,7 @@
 //                 pos: int32[3] (start, win_start, n valid entries); scale: float[]
 // @outputs        out: T[B, L, H, D]
 // @template       T: type; D: int; NOPE: int; HT: int; FP8: bool; CSA: bool; WINDOW: int; RATIO: int
-// @include        sparse_attention_common
+// @include        formats; sparse_attention_common
 // @grid           (32 * 4, ceil(H / HT), B * ceil(L / 4))
 // @threadgroup    (128, 1, 1): 4 SIMD groups, one query each, and a tile of HT heads
 // @reference      mlx_dsv4.kernels.attention.sparse_attention_reference

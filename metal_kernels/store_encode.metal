@@ -5,6 +5,7 @@
 // @inputs         x: any float[R, D]
 // @outputs        codes: uint8[R, N] (FP8) or [R, N / 2] (FP4, element 2j low nibble); exps: uint8[R, NB]
 // @template       D: int; N: int; FP4: bool
+// @include        formats
 // @grid           (32, R, 1): one SIMD group per row; lane l holds channels 64 k + 2 l, + 1 of chunk k
 // @threadgroup    (32, min(R, 8), 1); no threadgroup memory or barriers: rows are independent
 // @reference      mlx_dsv4.kernels.store_encode.fp8_encode_reference (formats.fp8_block_quantize) and
@@ -25,16 +26,6 @@
 // 64-channel chunk (one simd_max over the SIMD group), an FP4 block half of one (lanes 0-15, 16-31).
 
 // @header
-// 2^e for -126 <= e <= 127, from the bits.
-inline float pow2i(int e) {
-  return as_type<float>(uint(e + 127) << 23);
-}
-
-// 2^(b - 127) for an E8M0 byte b, as formats.e8m0_to_float (0: 2^-127, 255: NaN).
-inline float e8m0(uint b) {
-  return b == 0 ? as_type<float>(0x00400000u) : b == 255 ? as_type<float>(0x7FC00000u) : as_type<float>(b << 23);
-}
-
 // E8M0 byte of 2^ceil(log2(y)), y > 0: biased exponent + (mantissa != 0), at most 255 (NaN) as the reference clips.
 inline uint e8m0_ceil(float y) {
   const uint bits = as_type<uint>(y);

@@ -26,7 +26,10 @@ def variant(base: KernelSpec, old: str, new: str, section: str = "source") -> Ke
     """A deliberately broken copy: `old` must occur exactly once in the section (so the edit is real)."""
     text = getattr(base, section)
     assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times in the {section}"
-    return dataclasses.replace(base, **{section: text.replace(old, new)})
+    changes = {section: text.replace(old, new)}
+    if section == "header":  # the edit may fall in an @include'd file: keep includes and header in step
+        changes["includes"] = tuple((p, t.replace(old, new)) for p, t in base.includes)
+    return dataclasses.replace(base, **changes)
 
 
 def assert_caught(run, matches) -> str:
