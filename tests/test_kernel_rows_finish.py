@@ -221,8 +221,7 @@ def test_kernel_matches_reference(name):
 
 @pytest.fixture
 def fake(monkeypatch):
-    k = fake_metal(monkeypatch, SPEC)
-    return k
+    return fake_metal(monkeypatch, SPEC)
 
 
 @needs_cxx
