@@ -18,7 +18,7 @@ from .indexer import Indexer
 from .kernels.attention import sparse_attention
 from .kernels.rows_finish import rows_finish
 from .norm import RMSNorm
-from .rope import inv_freq
+from .rope import cos_sin, inv_freq
 
 
 class Attention(nn.Module):
@@ -66,12 +66,13 @@ class Attention(nn.Module):
         H, D, r = a.n_heads, a.head_dim, a.rope_head_dim
         nope_fp8 = D - r if qat.simulate else 0  # qat.kv: FP8 on the non-RoPE channels, or nothing
         fr = self._freqs
+        cs = cos_sin(mx.arange(start, start + L), fr)  # one table for q, kv and the output (reference path)
 
         qr = rows_finish(self.wq_a(x), None, 0, norm=True, weight=self.q_norm.weight, eps=self.q_norm.eps)
         # weightless per-head norm, then RoPE
-        q = rows_finish(self.wq_b(qr).reshape(B, L, H, D), fr, start, norm=True, eps=a.norm_eps)
+        q = rows_finish(self.wq_b(qr).reshape(B, L, H, D), fr, start, norm=True, eps=a.norm_eps, cs=cs)
         kv = rows_finish(self.wkv(x), fr, start, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps,
-                         fp8_nope=nope_fp8)
+                         fp8_nope=nope_fp8, cs=cs)
 
         comp, idx = None, None
         if self.ratio:
@@ -94,5 +95,5 @@ class Attention(nn.Module):
         cache.push_window(kv)
         cache.offset += L
 
-        o = rows_finish(o, fr, start, inverse=True)
+        o = rows_finish(o, fr, start, inverse=True, cs=cs)
         return self.grouped_out(o.reshape(B, L, H * D))

@@ -46,15 +46,18 @@ def _check(x, freqs, weight, fp8_nope, step, dtype) -> tuple[int, int]:
 
 
 def rows_finish_reference(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6,
-                          inverse=False, fp8_nope=0, dtype=None) -> mx.array:
-    """Pure MLX, the model's own ops: x.astype(dtype), rms_norm, cos_sin + apply_rope, TrainedFormats.kv."""
+                          inverse=False, fp8_nope=0, dtype=None, cs=None) -> mx.array:
+    """Pure MLX, the model's own ops: x.astype(dtype), rms_norm, cos_sin + apply_rope, TrainedFormats.kv.
+
+    cs: cos_sin of these positions when the caller shares one table across calls (attention's q, kv
+    and output rotate at the same positions), so a reference decode step builds it once, not thrice."""
     _check(x, freqs, weight, fp8_nope, step, dtype)
     y = x if dtype is None else x.astype(dtype)
     if norm:
         y = rms_norm(y, weight, eps)
     L = x.shape[1]
     if freqs is not None:
-        cos, sin = cos_sin(mx.arange(pos0, pos0 + L * step, step), freqs)
+        cos, sin = cs if cs is not None else cos_sin(mx.arange(pos0, pos0 + L * step, step), freqs)
         if x.ndim == 4:
             cos, sin = cos[:, None], sin[:, None]
         y = apply_rope(y, cos, sin, inverse=inverse)
@@ -101,9 +104,10 @@ def rows_finish_kernel(x, freqs, pos0: int, step: int = 1, *, norm=False, weight
 
 
 def rows_finish(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6, inverse=False,
-                fp8_nope=0, dtype=None) -> mx.array:
-    """Finished rows in `dtype` (default x.dtype): the kernel on Metal, the reference otherwise."""
+                fp8_nope=0, dtype=None, cs=None) -> mx.array:
+    """Finished rows in `dtype` (default x.dtype): the kernel on Metal, the reference otherwise
+    (`cs`: see rows_finish_reference; the kernel computes its angles itself)."""
     kw = dict(norm=norm, weight=weight, eps=eps, inverse=inverse, fp8_nope=fp8_nope, dtype=dtype)
     if registry.use_kernels() and _kernel_ok(x, freqs, pos0, step, dtype):
         return rows_finish_kernel(x, freqs, pos0, step, **kw)
-    return rows_finish_reference(x, freqs, pos0, step, **kw)
+    return rows_finish_reference(x, freqs, pos0, step, cs=cs, **kw)
