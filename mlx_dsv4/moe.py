@@ -15,18 +15,13 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 from .config import ModelArgs
 from .kernels import experts as expert_kernels
 from .kernels import registry, router
+from .kernels.experts import clamped_swiglu
 
 # Rows (tokens x selected experts) from which the experts sort rows by expert, so MLX's gather_qmm
 # reads each expert's weights once for all its rows. Below it both paths read one expert matrix per
 # row; there the fused kernels (decode: N k = 6 per token) read the same bytes in 2 launches
 # instead of ~10, so they take over exactly where sorting does not pay.
 SORT_ROWS = 64
-
-
-def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
-    gate = mx.minimum(gate.astype(mx.float32), limit)
-    up = mx.clip(up.astype(mx.float32), -limit, limit)
-    return nn.silu(gate) * up
 
 
 class Gate(nn.Module):

@@ -17,6 +17,7 @@ Linear layers' outputs in T, no routing weight. The kernels run it as an extra s
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from . import registry
 
@@ -25,9 +26,11 @@ ROWS = 4  # output rows per SIMD group in both kernels (R in the .metal files)
 GROUP = 32  # mx group size (mxfp4 and mxfp8)
 
 
-def _swiglu(g: mx.array, u: mx.array, limit: float) -> mx.array:
-    g = mx.minimum(g, limit)
-    return g * mx.sigmoid(g) * mx.clip(u, -limit, limit)
+def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
+    """silu(min(gate, limit)) * clip(up, -limit, limit) in float32 (routed and shared experts alike)."""
+    gate = mx.minimum(gate.astype(mx.float32), limit)
+    up = mx.clip(up.astype(mx.float32), -limit, limit)
+    return nn.silu(gate) * up
 
 
 def _check_pair(name: str, w, experts: int | None, out: int | None, inp: int | None) -> tuple[int, int, int]:
@@ -100,11 +103,11 @@ def gate_up_reference(x: mx.array, ids: mx.array, w1, w3, limit: float, shared=N
     """h [N, k (+ 1), inter] float32: the clamped SwiGLU of the selected experts' gate and up rows; with
     shared = (w1s, w3s) the shared expert's (from its gate and up in x's dtype) appended as slot k."""
     xe = x.astype(mx.float32)[:, None, None, :]  # [N, 1, 1, d] against ids [N, k]
-    h = _swiglu(_qmm(xe, w1, ids), _qmm(xe, w3, ids), limit).squeeze(-2)
+    h = clamped_swiglu(_qmm(xe, w1, ids), _qmm(xe, w3, ids), limit).squeeze(-2)
     if shared is None:
         return h
     g, u = (_linear8(x, w).astype(mx.float32) for w in shared)
-    return mx.concatenate([h, _swiglu(g, u, limit)[:, None]], axis=1)
+    return mx.concatenate([h, clamped_swiglu(g, u, limit)[:, None]], axis=1)
 
 
 def down_reference(h: mx.array, ids: mx.array, weights: mx.array, w2, dtype: mx.Dtype, shared=None) -> mx.array:
