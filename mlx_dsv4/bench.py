@@ -36,8 +36,8 @@ def load_bench_model(name: str, dtype, simulate_qat: bool = True):
     from .load import build_model, load, to_model_layout
     from .tiny import bench_hf_config, random_weights, tiny_hf_config
 
-    if name in ("tiny", "bench"):
-        cfg = tiny_hf_config("flash") if name == "tiny" else bench_hf_config()
+    if name in ("tiny-random", "bench"):
+        cfg = tiny_hf_config("flash") if name == "tiny-random" else bench_hf_config()
         args = from_hf_config(cfg)
         w = {k: mx.array(v) for k, v in random_weights(args, 0).items()}
         return build_model(args, to_model_layout(w, args), dtype, simulate_qat)

@@ -25,11 +25,34 @@ class CompressorState:
     a window completes, so a decode step that completes none copies nothing (on Metal: no launch)."""
 
     FIELDS = ("rows_kv", "rows_gate", "prev_kv", "prev_gate")
-    __slots__ = ("_kv", "_gate", "prev_kv", "prev_gate")
+    __slots__ = ("_kv", "_gate", "prev_kv", "prev_gate", "recent")
 
     def __init__(self):
         self._kv, self._gate = [], []
         self.prev_kv = self.prev_gate = None
+        self.recent = None  # (a, g) rows of the last call: what a rollback rebuilds the state from
+
+    def checkpoint(self) -> tuple:
+        return list(self._kv), list(self._gate), self.prev_kv, self.prev_gate
+
+    def rollback(self, ck: tuple, start: int, keep: int, ratio: int) -> None:
+        """Undo the last call (which fed rows from absolute position `start`) but its first `keep`
+        rows. Entries of windows completed by kept rows stay valid (a window pools only its own
+        rows and, with the overlap, the previous window's), so only the leftovers and the overlap
+        half are rebuilt, from the checkpointed rows plus the kept ones."""
+        kv, gate, prev_kv, prev_gate = ck
+        a, g = self.recent
+        rows_kv, rows_gate = kv + [a[:, :keep]], gate + [g[:, :keep]]
+        all_kv, all_gate = mx.concatenate(rows_kv, axis=1), mx.concatenate(rows_gate, axis=1)
+        base, end = start - start % ratio, start + keep  # all_* hold positions [base, end)
+        cut = end - end % ratio - base
+        self._kv = [all_kv[:, cut:]] if end % ratio else []
+        self._gate = [all_gate[:, cut:]] if end % ratio else []
+        self.prev_kv, self.prev_gate = prev_kv, prev_gate
+        if ratio == 4 and end // ratio > start // ratio:  # the last kept complete window is the overlap half
+            D = all_kv.shape[-1] // 2
+            self.prev_kv, self.prev_gate = all_kv[:, cut - ratio : cut, :D], all_gate[:, cut - ratio : cut, :D]
+        self.recent = None
 
     @property
     def pending(self) -> int:
@@ -112,6 +135,38 @@ class LayerCache(_BaseCache):
         return self._comp.n
 
     # -- mlx-lm cache protocol -----------------------------------------------------------------
+    # -- speculative decoding: undo the tail of a multi-token call ------------------------------
+    def checkpoint(self) -> tuple:
+        """What `rollback` needs to undo the next call: references only (arrays are immutable)."""
+        return (self.offset, self.window, self._comp.n, self._index.n, self.comp_state.checkpoint(),
+                self.index_state.checkpoint())
+
+    def rollback(self, ck: tuple, keep: int) -> None:
+        """Make this cache what it would be had the one call since `ck` fed only its first `keep`
+        tokens: window rows, compressed entries, indexer keys and compressor states of the later
+        tokens are dropped, at the cost of a few slices (no forward pass)."""
+        offset, window, n_comp, n_index, comp_ck, index_ck = ck
+        fed = self.offset - offset
+        if not 0 <= keep <= fed:
+            raise ValueError(f"rollback keeps {keep} of {fed} fed tokens")
+        if fed > self.window_size:
+            raise ValueError(f"rollback of a {fed}-token call exceeds the {self.window_size}-row window")
+        if keep == fed:
+            return
+        W = self.window.shape[1]
+        kept = self.window[:, W - fed : W - fed + keep]
+        self.window = kept if window is None else mx.concatenate([window, kept], axis=1)[:, -self.window_size :]
+        if self.window.shape[1] == 0:
+            self.window = None
+        end = offset + keep
+        if self.ratio:
+            self._comp.n = n_comp + end // self.ratio - offset // self.ratio
+            self.comp_state.rollback(comp_ck, offset, keep, self.ratio)
+        if self.ratio == 4:
+            self._index.n = n_index + end // 4 - offset // 4
+            self.index_state.rollback(index_ck, offset, keep, 4)
+        self.offset = end
+
     def empty(self) -> bool:
         return self.offset == 0
 

@@ -1,4 +1,4 @@
-"""The `mlx_dsv4` command: generate, chat, convert, serve, bench.
+"""The `mlx_dsv4` command: generate, chat, convert, serve, bench, perplexity.
 
 Heavy modules (MLX, mlx-lm, the model) are imported inside the commands, so `--help` and flag
 errors answer at once. Errors the user can fix are printed as one `error: ...` line (exit 1);
@@ -54,7 +54,7 @@ def run_guarded(fn, *args, **kwargs):
 
 # -- shared options ----------------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face repo id, checkpoint directory, "
-                                       "or 'tiny' (random weights of the real architecture, real tokenizer)")]
+                                       "'tiny' (a small trained model: Python code) or 'tiny-random'")]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="system prompt")]
 ThinkingOpt = Annotated[bool, typer.Option("--thinking/--no-thinking", help="reasoning before the answer")]
 EffortOpt = Annotated[Effort | None, typer.Option("--reasoning-effort", help="with --thinking: high or max")]
@@ -93,7 +93,7 @@ def load_model(name: str, verbose: bool):
 
     from .load import load
 
-    if name != "tiny" and not Path(name).expanduser().exists() and "/" not in name:
+    if name not in ("tiny", "tiny-random") and not Path(name).expanduser().exists() and "/" not in name:
         fail(f"model {name!r} is neither a directory, a Hugging Face repo id (owner/name), nor 'tiny'")
     t = time.perf_counter()
     model, tokenizer = load(name)
@@ -303,6 +303,46 @@ def bench(
             fail("mlx_dsv4.bench has no run(); the benchmark is not available in this installation")
         b.run(model=model, contexts=ctx, gen_tokens=gen_tokens, chunk=chunk, dtype=dtype,
               out_json=json_out, out_png=png_out)
+
+    run_guarded(run)
+
+
+# -- perplexity ----------------------------------------------------------------------------------
+@app.command()
+def perplexity(
+    model: ModelOpt = DEFAULT_MODEL,
+    data: Annotated[Path, typer.Option("--data", help="a text file, or a directory (its files matching --glob)")] = ...,
+    glob: Annotated[str, typer.Option("--glob", help="with a directory --data: which files")] = "**/*.py",
+    num_tokens: Annotated[int | None, typer.Option("--num-tokens", min=1, help="score only the first N tokens")] = None,
+    sequence_length: Annotated[int, typer.Option("--sequence-length", min=3, help="tokens per window")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="windows per forward")] = 1,
+    mtp: Annotated[bool, typer.Option("--mtp", help="also score the MTP block's prediction of token i+2")] = False,
+    json_out: Annotated[str | None, typer.Option("--json", help="write the results as JSON")] = None,
+):
+    """Mean negative log-likelihood and perplexity of a model on text, with a standard error."""
+
+    def run():
+        import json
+
+        from tqdm import tqdm
+
+        from .perplexity import perplexity as score, read_text_tokens
+
+        m, tok = load_model(model, False)
+        ids = read_text_tokens(tok, data, glob)
+        with tqdm(total=None, unit="window", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+            def progress(done, total):
+                bar.total = total
+                bar.update(done - bar.n)
+
+            r = score(m, ids, sequence_length, num_tokens, batch_size, mtp, progress)
+        typer.echo(f"tokens scored: {r.tokens}")
+        typer.echo(f"mean NLL: {r.nll:.4f} +/- {r.stderr:.4f} nats/token, perplexity {r.perplexity:.3f}")
+        if r.mtp_nll is not None:
+            typer.echo(f"MTP NLL (token i+2): {r.mtp_nll:.4f} +/- {r.mtp_stderr:.4f}")
+        typer.echo(f"unigram entropy of the text: {r.unigram_entropy:.4f} nats/token")
+        if json_out:
+            Path(json_out).write_text(json.dumps(r.to_dict(), indent=1) + "\n")
 
     run_guarded(run)
 

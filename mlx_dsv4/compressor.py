@@ -49,6 +49,7 @@ class Compressor(nn.Module):
         o = start % m
         # Positions start.. in one window: a static slice of ape (a view); else gather by position.
         g = g + (ape[o : o + L] if o + L <= m else ape[(mx.arange(start, start + L) % m).astype(mx.int32)])
+        state.recent = (a, g)
         pending = state.pending
         first = (start - pending) // m
         if pending + L < m:  # no window completes: keep the rows for later, copy nothing

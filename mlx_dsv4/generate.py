@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .prompt_cache import load_prompt_cache, save_prompt_cache  # noqa: F401  (re-exported)
+from .speculative import Distribution, Emitted, Speculator, prefill_with_streams
 from .text_stream import Detokenizer, StopStrings
 
 
@@ -33,6 +34,9 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: str | None  # None while running; "stop", "length" or "cancelled" at the end
+    from_draft: bool = False  # an MTP draft accepted by verification (num_draft_tokens > 0)
+    draft_acceptance: list[float] | None = None  # so far, per draft position (speculative only)
+    mean_accepted_length: float | None = None  # tokens emitted per verify pass (speculative only)
 
 
 def prompt_tokens(tokenizer, prompt: str | list[int] | mx.array, vocab_size: int | None = None) -> list[int]:
@@ -95,14 +99,18 @@ def stream_generate(model, tokenizer, prompt: str | list[int] | mx.array, *, max
                     logits_processors: list[Callable] | None = None, stop: list[str] | None = None,
                     prompt_cache: list | None = None, prefill_step_size: int = 512,
                     num_top_logprobs: int = 0, progress_callback: Callable[[int, int], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> Iterator[GenerationResponse]:
+                    should_stop: Callable[[], bool] | None = None,
+                    num_draft_tokens: int = 0) -> Iterator[GenerationResponse]:
     """Yield one response per generated token; the last one carries finish_reason.
 
     prompt_cache, if given, already holds the first `prompt_cache[0].offset` prompt tokens (the
     caller guarantees they match) and at least the last prompt token must be left to feed.
     progress_callback(done, total) follows the prefill of the uncached prompt tokens;
-    should_stop() is polled before every token (e.g. for client disconnects). Bad arguments raise
-    ValueError here, at the call; the prefill starts with the first response."""
+    should_stop() is polled before every token (e.g. for client disconnects). num_draft_tokens K > 0
+    drafts up to K tokens per step with the model's MTP layer and verifies them in one pass (see
+    speculative.py): the same tokens as plain decoding when greedy, the same distribution when
+    sampling. Bad arguments raise ValueError here, at the call; the prefill starts with the first
+    response."""
     vocab = model.args.vocab_size
     ids = prompt_tokens(tokenizer, prompt, vocab)
     context = model.args.max_position_embeddings
@@ -120,6 +128,18 @@ def stream_generate(model, tokenizer, prompt: str | list[int] | mx.array, *, max
     if cached >= len(ids):
         raise ValueError(f"prompt_cache already holds {cached} tokens but the prompt has {len(ids)}: "
                          "leave at least the last prompt token uncached")
+    draft = None
+    if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 0):
+        raise ValueError(f"num_draft_tokens must be a non-negative integer, got {num_draft_tokens!r}")
+    if num_draft_tokens:
+        if not model.mtp:
+            raise ValueError("num_draft_tokens > 0 needs an MTP layer, and this checkpoint has none")
+        if sampler is not None:
+            raise ValueError("num_draft_tokens > 0 needs the built-in sampling options (temperature, top_p, "
+                             "top_k, min_p), not a custom sampler: drafts are accepted by probability ratio")
+        if num_draft_tokens >= model.args.window_size:
+            raise ValueError(f"num_draft_tokens must be below the window size {model.args.window_size}")
+        draft = (num_draft_tokens, Distribution(temperature, top_p, min_p, top_k))
     if seed is not None:
         mx.random.seed(seed)
     sampler = sampler or make_sampler(temperature, top_p, min_p, top_k=top_k)
@@ -127,79 +147,115 @@ def stream_generate(model, tokenizer, prompt: str | list[int] | mx.array, *, max
     max_tokens = min(max_tokens, context - len(ids))  # prompt + generated never exceeds the context
     stop = [stop] if isinstance(stop, str) else stop
     return _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processors, stop,
-                   prefill_step_size, num_top_logprobs, progress_callback, should_stop)
+                   prefill_step_size, num_top_logprobs, progress_callback, should_stop, draft)
+
+
+class PlainDecoder:
+    """One token per round from the trunk alone: the same interface as Speculator."""
+
+    def __init__(self, model, cache: list, sampler: Callable, processors: list[Callable], history: mx.array | None):
+        self.model, self.cache, self.sampler, self.processors, self.history = model, cache, sampler, processors, history
+        self.stats = None
+
+    def next_round(self, last: int, budget: int) -> list[Emitted]:
+        logits = self.model(mx.array([[last]]), cache=self.cache, last_only=True)[:, -1, :]
+        for p in self.processors:
+            logits = p(self.history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y = self.sampler(logprobs)
+        # the cache too: states not read by this token's logits would otherwise stay lazy for
+        # up to `ratio` steps, holding every intermediate activation alive
+        mx.eval(y, logprobs, [c.state for c in self.cache])
+        self._y = y
+        return [Emitted(y.item(), logprobs[0], False)]
+
+    def commit(self, used: int) -> None:
+        if self.history is not None:
+            self.history = mx.concatenate([self.history, self._y.reshape(1).astype(self.history.dtype)])
+
 
 
 def _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processors, stop, prefill_step_size,
-            num_top_logprobs, progress_callback, should_stop) -> Iterator[GenerationResponse]:
-    def step(tokens: list[int], history: mx.array | None):
-        logits = model(mx.array(tokens)[None], cache=cache, last_only=True)[:, -1, :]
-        for p in processors:
-            logits = p(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs
-
+            num_top_logprobs, progress_callback, should_stop, draft) -> Iterator[GenerationResponse]:
     vocab = model.args.vocab_size
     tic = time.perf_counter()
     todo = ids[cached:]
     report = progress_callback and (lambda done, _total: progress_callback(done, len(todo)))
-    prefill(model, todo[:-1], cache, prefill_step_size, report)
     history = mx.array(ids) if processors else None  # what the logits processors look back on
+    if draft is None:
+        prefill(model, todo[:-1], cache, prefill_step_size, report)
+        source = PlainDecoder(model, cache, sampler, processors, history)
+    else:
+        k, dist = draft
+        h = prefill_with_streams(model, todo[:-1], cache, prefill_step_size, model.args.window_size, report)
+        pending = None if h is None else (h, todo[len(todo) - h.shape[1] :])
+        source = Speculator(model, cache, k, dist, processors, history, pending)
     detok, stops = Detokenizer(tokenizer), StopStrings(stop)
 
     def close() -> tuple[str, bool]:  # end of stream: release held bytes and held text
         tail, hit = stops.feed(detok.finish())
         return tail + ("" if hit else stops.flush()), hit
 
-    n, prompt_tps, gen_tic, last = 0, 0.0, tic, todo[-1:]
-    while True:
-        token = lp = top = finish = None
-        if should_stop is not None and should_stop():
-            finish = "cancelled"
-        elif n >= max_tokens:
-            finish = "length"
-        else:
-            y, logprobs = step(last, history)
-            # the cache too: states not read by this token's logits would otherwise stay lazy for
-            # up to `ratio` steps, holding every intermediate activation alive
-            mx.eval(y, logprobs, [c.state for c in cache])
-            token = y.item()
-            lp = logprobs[0, token].item()
-            if num_top_logprobs:
-                k = min(num_top_logprobs, vocab)
-                idx = mx.argpartition(-logprobs[0], k - 1)[:k]
-                vals = logprobs[0][idx]
-                order = mx.argsort(-vals)
-                top = list(zip(idx[order].tolist(), vals[order].tolist()))
-            if n == 0:
-                prompt_tps = len(todo) / (time.perf_counter() - tic)
-                gen_tic = time.perf_counter()
-                if progress_callback is not None:
-                    progress_callback(len(todo), len(todo))
-            n += 1
-            if history is not None:
-                history = mx.concatenate([history, y.reshape(1).astype(history.dtype)])
-            last = [token]
-        if token is None:
-            text, _ = close()
-        elif token in tokenizer.eos_token_ids:
-            text, _ = close()
-            finish = "stop"
-        else:
-            text, hit = stops.feed(detok.add(token))
-            if hit:
+    n, prompt_tps, gen_tic, last = 0, 0.0, tic, todo[-1]
+    emitted, used = [], 0
+    try:
+        while True:
+            if used == len(emitted):  # round done: keep it all, start the next
+                if emitted:
+                    source.commit(used)
+                    last = emitted[-1].token
+                emitted, used = [], 0
+            token = lp = top = finish = e = None
+            if should_stop is not None and should_stop():
+                finish = "cancelled"
+            elif n >= max_tokens:
+                finish = "length"
+            else:
+                if not emitted:
+                    emitted = source.next_round(last, max_tokens - n)
+                e = emitted[used]
+                used += 1
+                token = e.token
+                lp = e.logprobs[token].item()
+                if num_top_logprobs:
+                    kk = min(num_top_logprobs, vocab)
+                    idx = mx.argpartition(-e.logprobs, kk - 1)[:kk]
+                    vals = e.logprobs[idx]
+                    order = mx.argsort(-vals)
+                    top = list(zip(idx[order].tolist(), vals[order].tolist()))
+                if n == 0:
+                    prompt_tps = len(todo) / (time.perf_counter() - tic)
+                    gen_tic = time.perf_counter()
+                    if progress_callback is not None:
+                        progress_callback(len(todo), len(todo))
+                n += 1
+            if token is None:
+                text, _ = close()
+            elif token in tokenizer.eos_token_ids:
+                text, _ = close()
                 finish = "stop"
-            elif n == max_tokens:
-                tail, hit = close()
-                text, finish = text + tail, "stop" if hit else "length"
-        gen_time = time.perf_counter() - gen_tic
-        yield GenerationResponse(
-            text=text, token=token, logprob=lp, top_logprobs=top, prompt_tokens=len(ids),
-            cached_tokens=cached, prompt_tps=prompt_tps, generation_tokens=n,
-            generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
-        if finish is not None:
-            return
+            else:
+                text, hit = stops.feed(detok.add(token))
+                if hit:
+                    finish = "stop"
+                elif n == max_tokens:
+                    tail, hit = close()
+                    text, finish = text + tail, "stop" if hit else "length"
+            gen_time = time.perf_counter() - gen_tic
+            stats = source.stats
+            yield GenerationResponse(
+                text=text, token=token, logprob=lp, top_logprobs=top, prompt_tokens=len(ids),
+                cached_tokens=cached, prompt_tps=prompt_tps, generation_tokens=n,
+                generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
+                peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
+                from_draft=bool(e and e.from_draft),
+                draft_acceptance=stats.acceptance if stats else None,
+                mean_accepted_length=stats.mean_accepted_length if stats else None)
+            if finish is not None:
+                return
+    finally:  # however the stream ends, the cache keeps exactly the tokens emitted (but the last)
+        if emitted:
+            source.commit(max(used, 1))
 
 
 def generate(model, tokenizer, prompt: str | list[int] | mx.array, verbose: bool = False, **kwargs) -> str:
@@ -218,7 +274,11 @@ def generate(model, tokenizer, prompt: str | list[int] | mx.array, verbose: bool
 
 def format_stats(r: GenerationResponse) -> str:
     cached = f" ({r.cached_tokens} cached)" if r.cached_tokens else ""
-    return (f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.3f} tokens-per-sec\n"
+    drafts = ""
+    if r.draft_acceptance is not None:
+        per = ", ".join(f"{a:.2f}" for a in r.draft_acceptance)
+        drafts = f"Drafts: {r.mean_accepted_length:.2f} tokens per verify, acceptance per position [{per}]\n"
+    return (drafts +f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.3f} tokens-per-sec\n"
             f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
             f"Peak memory: {r.peak_memory:.3f} GB\n"
             f"Finish reason: {r.finish_reason}")

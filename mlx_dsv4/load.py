@@ -1,7 +1,8 @@
 """Build a Model from weights: `load(path_or_name, dtype=None, simulate_qat=True)`.
 
-Accepts "tiny" (a random model of the real architecture with the real tokenizer) or a
-checkpoint directory in the official layout with unquantized tensors.
+Accepts "tiny" (the small trained model shipped in the package, stored in the official FP8 / FP4
+layout), "tiny-random" (random weights of the same architecture family, for tests), or a checkpoint
+directory / Hub repo id.
 """
 
 from __future__ import annotations
@@ -115,9 +116,13 @@ def _is_official_unquantized(path: Path) -> bool:
 
 def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: int = 0,
          revision: str | None = None):
-    """(model, tokenizer) from "tiny", a converted MLX directory, an official directory (FP8/FP4
+    """(model, tokenizer) from "tiny" (trained), "tiny-random", a converted MLX directory, an official directory (FP8/FP4
     converted lazily on the fly, or unquantized) or a Hugging Face repo id. Weights load lazily."""
     if str(path_or_name) == "tiny":
+        from .tiny import trained_tiny_path
+
+        path_or_name, dtype = trained_tiny_path(), dtype or mx.float32
+    if str(path_or_name) == "tiny-random":
         from .tiny import random_weights, tiny_hf_config
 
         args = from_hf_config(tiny_hf_config("flash"))

@@ -73,10 +73,10 @@ class MTPBlock(Block, HCHead):
         self._init_head(args)
 
     def __call__(self, h: mx.array, next_tokens: mx.array, embed: nn.Embedding, cache: LayerCache, qat):
+        """The block's output streams [B, L, hc, d] (before its hc_head): drafting recurses on them."""
         e = self.e_proj(self.enorm(embed(next_tokens)))  # [B, L, d]
         X = e[:, :, None, :] + self.h_proj(self.hnorm(h))  # hnorm per stream
-        X = super().__call__(X, next_tokens, cache, qat)
-        return self.collapse(X)
+        return super().__call__(X, next_tokens, cache, qat)
 
 
 class Model(HCHead):
@@ -143,7 +143,13 @@ class Model(HCHead):
     def mtp_logits(self, h: mx.array, next_tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
         """Draft logits of the MTP block: h [B, L, hc, d] streams at positions i, next_tokens the
         ids at i+1 -> logits [B, L, vocab] predicting token i+2."""
+        X = self.mtp_streams(h, next_tokens, cache)
+        return self.logits(self.mtp[0].collapse(X))
+
+    def mtp_streams(self, h: mx.array, next_tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
+        """The MTP block's output streams [B, L, hc, d] for trunk streams h at positions i and the
+        ids at i + 1 (the positions continue the MTP cache's offset)."""
         if not self.mtp:
             raise ValueError("this checkpoint has no MTP layer")
         cache = cache or self.make_mtp_cache()
-        return self.logits(self.mtp[0](h, next_tokens, self.embed, cache[0], self.qat))
+        return self.mtp[0](h, next_tokens, self.embed, cache[0], self.qat)

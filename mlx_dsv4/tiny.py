@@ -1,4 +1,5 @@
-"""A tiny random DeepSeek-V4 of the real architecture, for demos and tests.
+"""Tiny DeepSeek-V4 models of the real architecture: the trained one shipped in the package
+(`load("tiny")`, made by mlx_dsv4/train_tiny.py) and random ones for tests (`load("tiny-random")`).
 
 `tiny_hf_config()` is an official-style config.json dict (all three layer types, hash and learned
 routing, mHC, MTP) with the real 129,280-token vocabulary, so the real tokenizer works with it.
@@ -8,6 +9,7 @@ routing, mHC, MTP) with the real 129,280-token vocabulary, so the real tokenizer
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 from mlx.utils import tree_flatten
@@ -17,6 +19,11 @@ SCHEDULES = {
     "flash": [0, 0, 4, 128, 4],
     "pro": [128, 128, 4, 128, 4],
 }
+
+
+def trained_tiny_path() -> Path:
+    """The trained tiny checkpoint inside the package (official layout: FP8 weights, FP4 experts)."""
+    return Path(__file__).parent / "tiny_model"
 
 
 def tiny_hf_config(kind: str = "flash", **overrides) -> dict:

@@ -30,7 +30,7 @@ def top_k_visible_reference(scores: mx.array, k: int, start: int, ratio: int) ->
     N = scores.shape[-1]
     k = min(k, N)
     if k < N:
-        idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+        idx = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32))
     else:
         idx = mx.broadcast_to(mx.arange(N, dtype=mx.int32), scores.shape)
     visible = ((mx.arange(start, start + scores.shape[1]) + 1) // ratio)[None, :, None]

@@ -52,7 +52,8 @@ def route_reference(x: mx.array, weight: mx.array, k: int, route_scale: float, *
         ids = tid2eid[tokens]
     else:
         biased = s + bias.astype(mx.float32)
-        ids = mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k]
+        # selection carries no gradient (training goes through the selected scores only)
+        ids = mx.stop_gradient(mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k])
     w = mx.take_along_axis(s, ids, axis=-1)
     return w / w.sum(axis=-1, keepdims=True) * route_scale, ids
 

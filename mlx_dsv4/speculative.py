@@ -1,0 +1,223 @@
+"""Speculative decoding with the model's own MTP layer: draft K tokens, verify them in one pass.
+
+A round, with the trunk's cache holding positions < n and t_n sampled but not yet fed:
+1. Draft. The MTP block first takes the verified pairs it has not seen, (trunk streams h_i,
+   token t_{i+1}) for i up to n - 1; its last row predicts d_1. Then it recurses K - 1 times on its
+   own output streams as the stand-in for the trunk's (as vLLM and mlx-vlm do), at positions n..
+2. Verify. The trunk runs [t_n, d_1..d_K] in one forward: K + 1 rows of logits and streams.
+3. Accept. Greedy: while d_j is the target's argmax. Sampling: the standard rejection rule
+   (accept with min(1, p/q), else draw from max(p - q, 0)), so the emitted tokens follow the
+   target distribution exactly, with p and q after the same processors, filters and temperature.
+   Then one more token from the target: the correction or, if all K were accepted, the bonus.
+4. Roll back. Caches must be what plain decoding would have built for the tokens actually kept.
+   `LayerCache.rollback` trims the call's tail: window rows, compressed entries and indexer keys of
+   windows that a rejected token completed, and rebuilds the compressor leftovers and overlap half
+   from the checkpointed rows plus the kept ones. No forward pass is repeated: a snapshot and
+   re-run of the accepted tokens would cost one more trunk pass on every rejection, which on a
+   bandwidth-bound Mac is most of a decode step, i.e. most of what drafting saves. The MTP cache
+   drops its recursive rows (they came from its own streams, not the trunk's) and takes the true
+   pairs at the next round's first draft call.
+
+Only the last `window_size` MTP rows are ever read (the MTP layer is window-only and each row
+depends on its own position only), so after a prefill the MTP cache is seeded from the prompt's
+last window of trunk streams; tokens served from a prompt cache have no streams here, which can
+lower the first drafts' acceptance but never changes the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+
+@dataclass
+class Emitted:
+    token: int
+    logprobs: mx.array  # [V] target log-probabilities of this position (after processors)
+    from_draft: bool
+
+
+@dataclass
+class DraftStats:
+    """Per draft position j: how many drafts were proposed and accepted; verify passes; tokens."""
+
+    proposed: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    verifies: int = 0
+    emitted: int = 0
+
+    def record(self, k: int, a: int, used: int) -> None:
+        grow = k - len(self.proposed)
+        if grow > 0:
+            self.proposed += [0] * grow
+            self.accepted += [0] * grow
+        for j in range(k):
+            self.proposed[j] += 1
+            self.accepted[j] += j < a
+        self.verifies += 1
+        self.emitted += used
+
+    @property
+    def acceptance(self) -> list[float]:
+        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verify pass (1 + accepted drafts, on average)."""
+        return self.emitted / self.verifies if self.verifies else 0.0
+
+
+class Distribution:
+    """The sampling distribution that mlx-lm's make_sampler draws from, made explicit so drafts can
+    be accepted by probability ratio: the same filters in the same order, then the temperature."""
+
+    def __init__(self, temperature: float, top_p: float, min_p: float, top_k: int):
+        self.greedy = temperature == 0
+        self.temperature = temperature
+        self.filters = []
+        if 0 < top_p < 1.0:
+            self.filters.append(lambda x: apply_top_p(x, top_p))
+        if min_p != 0.0:
+            self.filters.append(lambda x: apply_min_p(x, min_p, 1))
+        if top_k > 0:
+            self.filters.append(lambda x: apply_top_k(x, top_k))
+
+    def probs(self, logprobs: mx.array) -> mx.array:
+        for f in self.filters:
+            logprobs = f(logprobs)
+        return mx.softmax(logprobs * (1.0 / self.temperature), axis=-1)
+
+    def draw(self, logprobs: mx.array) -> tuple[int, mx.array | None]:
+        """(token, the distribution it was drawn from; None when greedy)."""
+        if self.greedy:
+            return mx.argmax(logprobs, axis=-1).item(), None
+        p = self.probs(logprobs)
+        return mx.random.categorical(mx.log(p)).item(), p
+
+
+def judge(dist: Distribution, lp: mx.array, d: int, q: mx.array | None) -> tuple[bool, int]:
+    """(accepted, token) for draft d drawn from q, against the target log-probabilities lp.
+
+    Greedy: accepted iff d is the target's argmax, else the argmax. Sampling: accepted with
+    probability min(1, p(d) / q(d)), else a token from max(p - q, 0) renormalised (p itself if
+    that has no mass): the emitted token is then distributed exactly as p."""
+    if dist.greedy:
+        t = mx.argmax(lp).item()
+        return d == t, t
+    p = dist.probs(lp)
+    if mx.random.uniform().item() * q[d].item() <= p[d].item():
+        return True, d
+    resid = mx.maximum(p - q, 0.0)
+    mass = resid.sum().item()
+    return False, mx.random.categorical(mx.log(resid / mass if mass > 0 else p)).item()
+
+
+class Speculator:
+    """Drafts with the MTP layer, verifies with the trunk, rolls the caches back to what is kept.
+
+    next_round() returns the emitted tokens of one round; the caller takes `used` of them (fewer
+    when a stop string, EOS or max_tokens ends the stream inside the round) and calls commit(used)."""
+
+    def __init__(self, model, cache: list, k: int, dist: Distribution, processors: list[Callable],
+                 history: mx.array | None, pending: tuple[mx.array, list[int]] | None):
+        self.model, self.cache, self.k, self.dist = model, cache, k, dist
+        self.processors, self.history = processors, history
+        self.mtp_cache = model.make_mtp_cache()
+        self.stats = DraftStats()
+        # verified (trunk streams at i, token i + 1) pairs the MTP layer has not taken yet
+        self.pending_h, self.pending_t = (pending[0], list(pending[1])) if pending else (None, [])
+        if pending:
+            self.mtp_cache[0].offset = cache[0].offset - len(self.pending_t)
+        self._round = None
+
+    def _process(self, logits: mx.array, extra: list[int]) -> mx.array:
+        """Processors see the history (up to the newest emitted token) plus the drafts before this
+        row; log-softmax after them."""
+        if self.processors:
+            hist = self.history
+            if extra:
+                hist = mx.concatenate([hist, mx.array(extra, dtype=hist.dtype)])
+            for p in self.processors:
+                logits = p(hist, logits)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def _draft(self, last: int, k: int) -> tuple[list[int], list]:
+        m = self.model
+        X = m.mtp_streams(self.pending_h, mx.array(self.pending_t)[None], self.mtp_cache)
+        self._mtp_ck = self.mtp_cache[0].checkpoint()
+        drafts, qs = [], []
+        for j in range(k):
+            logits = m.logits(m.mtp[0].collapse(X[:, -1:]))[0, -1]
+            d, q = self.dist.draw(self._process(logits[None], drafts)[0])
+            drafts.append(d)
+            qs.append(q)
+            if j + 1 < k:
+                X = m.mtp_streams(X[:, -1:], mx.array([[d]]), self.mtp_cache)
+        return drafts, qs
+
+    def next_round(self, last: int, budget: int) -> list[Emitted]:
+        """One round after feeding `last` (the newest emitted token); at most `budget` tokens."""
+        m = self.model
+        k = min(self.k, budget - 1) if self.pending_t else 0
+        drafts, qs = self._draft(last, k) if k > 0 else ([], [])
+        ck = [c.checkpoint() for c in self.cache]
+        H = m.hidden_streams(mx.array([[last] + drafts]), self.cache)
+        logits = m.logits(m.collapse(H))[0]
+        out, a = [], 0
+        for j in range(k + 1):
+            lp = self._process(logits[j : j + 1], drafts[:j])[0]
+            if j == k:
+                t, _ = self.dist.draw(lp)  # every draft accepted: the bonus token
+            else:
+                ok, t = judge(self.dist, lp, drafts[j], qs[j])
+                if ok:
+                    out.append(Emitted(t, lp, True))
+                    a += 1
+                    continue
+            out.append(Emitted(t, lp, False))
+            break
+        self._round = (ck, k, a, H, [last] + drafts, out)
+        return out
+
+    def commit(self, used: int) -> None:
+        """Keep the first `used` emitted tokens of the round: the trunk keeps `last` and the first
+        used - 1 of them (the newest emitted token is never fed), the MTP cache its true rows."""
+        ck, k, a, H, fed, out = self._round
+        self._round = None
+        if not 1 <= used <= len(out):
+            raise ValueError(f"commit of {used} tokens from a round of {len(out)}")
+        for c, s in zip(self.cache, ck):
+            c.rollback(s, used)
+        if k > 0:
+            self.mtp_cache[0].rollback(self._mtp_ck, 0)
+            self.pending_h, self.pending_t = H[:, :used], [e.token for e in out[:used]]
+        else:  # no draft call took the pending pairs: append to them
+            h = H[:, :used]
+            if self.pending_h is None:
+                self.mtp_cache[0].offset = ck[0][0]  # the MTP rows start where the trunk's streams do
+            self.pending_h = h if self.pending_h is None else mx.concatenate([self.pending_h, h], axis=1)
+            self.pending_t += [e.token for e in out[:used]]
+        if self.history is not None:
+            self.history = mx.concatenate([self.history, mx.array([e.token for e in out[:used]], self.history.dtype)])
+        self.stats.record(k, a, used)
+        mx.eval(self.pending_h, [c.state for c in self.cache], self.mtp_cache[0].state)
+
+
+def prefill_with_streams(model, tokens: list[int], cache: list, step: int, keep: int,
+                         progress: Callable[[int, int], None] | None = None) -> mx.array | None:
+    """Prefill like generate.prefill, returning the trunk streams of the last `keep` tokens (what
+    the MTP layer's window will read), or None for no tokens."""
+    tail = []
+    for s in range(0, len(tokens), step):
+        X = model.hidden_streams(mx.array(tokens[s : s + step])[None], cache)
+        if s + step > len(tokens) - keep:
+            tail.append(X[:, max(0, len(tokens) - keep - s) :])
+        mx.eval(tail, [c.state for c in cache])
+        if progress is not None:
+            progress(min(s + step, len(tokens)), len(tokens))
+    if not tail:
+        return None
+    return tail[0] if len(tail) == 1 else mx.concatenate(tail, axis=1)
