@@ -99,6 +99,12 @@ def test_bench_png_without_matplotlib_fails_before_running():
     assert "machine:" not in p.stdout  # refused before the benchmark started
 
 
+def test_bench_context_shorter_than_a_compression_window():
+    """Used to divide by zero after the run (no completed ratio-128 window to measure)."""
+    r = CliRunner().invoke(cli_mod.app, ["bench", "--model", "tiny", "--contexts", "64"])
+    assert r.exit_code == 1 and "at least 128 tokens" in r.output
+
+
 # -- the default model's download ---------------------------------------------------------------
 @pytest.fixture
 def offline_hub(monkeypatch):
