@@ -144,7 +144,8 @@ def test_bash_block_runs(i, workdir, tiny_once, monkeypatch, tmp_path):
     calls = sorted(tmp_path.glob("*.args"), key=lambda f: int(f.stem))
     assert calls or "mlx_dsv4" not in script
     real_load = loader.load
-    monkeypatch.setattr(loader, "load", lambda name, *a, **k: tiny_once if name == "tiny" else real_load(name, *a, **k))
+    monkeypatch.setattr(loader, "load",
+                        lambda name, *a, **k: tiny_once if name == "tiny" else real_load(name, *a, **k))
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
