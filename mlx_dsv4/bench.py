@@ -1,7 +1,7 @@
 """`mlx_dsv4 bench`: prompt and generation tokens/s, peak memory and cache bytes per token from 1K
 tokens up to the longest context asked for, as a table, JSON and a PNG plot.
 
-Models: "tiny", "bench" (random weights, the real Flash layer schedule and attention geometry:
+Models: "tiny-random", "bench" (random weights, the real Flash layer schedule and attention geometry:
 its cache is byte for byte the size of the real Flash's) or a checkpoint path.
 """
 
@@ -83,6 +83,9 @@ def run(model: str = "bench", contexts=(1024, 4096, 16384), gen_tokens: int = 16
         dtype: str | None = None, out_json: str | None = None, out_png: str | None = None, echo=print) -> dict:
     dt = getattr(mx, dtype) if dtype else (mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
     m = load_bench_model(model, dt)
+    window = max(m.args.ratio(i) for i in range(m.args.n_layers))
+    if min(contexts) < window:  # bytes per token are measured over completed compression windows
+        raise ValueError(f"contexts must be at least {window} tokens (one compression window), got {min(contexts)}")
     result = {"model": model, "dtype": str(dt), "chunk": chunk, "gen_tokens": gen_tokens, "machine": machine(),
               "analytic_1m_gib": cache_bytes(m.args, 1 << 20)["total"] / 2**30, "runs": []}
     echo(f"machine: {result['machine']}")

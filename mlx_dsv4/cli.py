@@ -18,7 +18,8 @@ import typer
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-V4-Flash"
 
 app = typer.Typer(name="mlx_dsv4", help="DeepSeek-V4 on Apple silicon with MLX.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+                  add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)  # plain click help: rich truncates option names at 80 columns
 
 
 class Effort(str, Enum):
@@ -55,17 +56,24 @@ def run_guarded(fn, *args, **kwargs):
 # -- shared options ----------------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face repo id, checkpoint directory, "
                                        "'tiny' (a small trained model: Python code) or 'tiny-random'")]
+# generate / chat: None means not named, so the default model's download is asked for first
+ChosenModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", show_default=DEFAULT_MODEL, help="Hugging Face repo id, checkpoint directory, 'tiny' "
+    "(a small trained model: Python code) or 'tiny-random'")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="download the default model without asking")]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="system prompt")]
 ThinkingOpt = Annotated[bool, typer.Option("--thinking/--no-thinking", help="reasoning before the answer")]
 EffortOpt = Annotated[Effort | None, typer.Option("--reasoning-effort", help="with --thinking: high or max")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=0, help="most tokens to generate")]
 TempOpt = Annotated[float, typer.Option("--temperature", "--temp", min=0.0, help="0 = greedy")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="nucleus sampling, in (0, 1]")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="nucleus sampling: 0 < top_p <= 1")]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="sample among the k best tokens (0 = all)")]
 MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="drop tokens below min_p x the best")]
 RepOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="> 1 discourages repeats")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="random seed for sampling")]
-StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="stop string (repeatable)")]
+StopOpt = Annotated[list[str] | None, typer.Option(
+    "--stop", help="stop string (repeatable); the escapes \\n \\t \\r \\\\ stand for a newline, tab, "
+    "carriage return and backslash, as a shell passes them literally")]
 StepOpt = Annotated[int, typer.Option("--prefill-step-size", min=1, help="prompt tokens per prefill chunk")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="print load time and token/s statistics")]
 ShowReasoningOpt = Annotated[bool, typer.Option("--show-reasoning/--hide-reasoning",
@@ -73,13 +81,24 @@ ShowReasoningOpt = Annotated[bool, typer.Option("--show-reasoning/--hide-reasoni
 
 
 def sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, step) -> dict:
-    if not top_p > 0:
-        fail(f"--top-p must be in (0, 1], got {top_p}", 2)
+    if not 0 < top_p <= 1:
+        fail(f"--top-p must satisfy 0 < top_p <= 1, got {top_p}", 2)
     if repetition_penalty is not None and not repetition_penalty > 0:
         fail(f"--repetition-penalty must be > 0, got {repetition_penalty}", 2)
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
             "min_p": min_p, "repetition_penalty": repetition_penalty, "seed": seed,
-            "stop": list(stop or []) or None, "prefill_step_size": step}
+            "stop": [unescape(s) for s in stop or []] or None, "prefill_step_size": step}
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`--stop "\\n\\n"` arrives as backslash-n twice (shells do not interpret it): read the
+    escapes \\n \\t \\r \\\\ as the characters they name; other backslashes stay as typed."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m[1]], text)
 
 
 def chat_mode(thinking: bool, effort: Effort | None) -> tuple[str, str | None]:
@@ -88,13 +107,51 @@ def chat_mode(thinking: bool, effort: Effort | None) -> tuple[str, str | None]:
     return ("thinking" if thinking else "chat"), (effort.value if effort else None)
 
 
-def load_model(name: str, verbose: bool):
+# download sizes of the official checkpoints (only the files a conversion needs), for the question
+# asked before a download starts
+DOWNLOAD_GB = {"deepseek-ai/DeepSeek-V4-Flash": 160, "deepseek-ai/DeepSeek-V4-Flash-0731": 167,
+               "deepseek-ai/DeepSeek-V4-Pro": 865}
+
+
+def _in_hub_cache(repo: str) -> bool:
+    """Whether an earlier run fetched this repo (its index or config is in the local Hub cache)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo, f), str)
+               for f in ("model.safetensors.index.json", "config.json"))
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def confirm_download(name: str, explicit: bool, yes: bool) -> None:
+    """The default model is a large download nobody asked for by name: say its size first, ask on a
+    terminal, refuse elsewhere unless --yes. A model named with --model is downloaded as asked."""
+    from .checkpoint.hub import REPO_ID
+
+    if name in ("tiny", "tiny-random") or Path(name).expanduser().exists() or not REPO_ID.match(name) or _in_hub_cache(name):
+        return  # not a Hub download (a missing directory is reported by load), or fetched before
+    size = f"about {DOWNLOAD_GB[name]} GB" if name in DOWNLOAD_GB else "size unknown"
+    typer.echo(f"{name} is not downloaded yet: {size} from the Hugging Face Hub, into "
+               "~/.cache/huggingface (HF_HOME moves it).", err=True)
+    if explicit or yes:
+        return
+    if not _interactive():
+        fail(f"no --model given, and the default {name} is a download of {size}: pass --model {name} "
+             "(or --yes) to download it, --model tiny to try the commands, or a local checkpoint directory", 1)
+    if not typer.confirm("Download it now?", default=False, err=True):
+        fail("not downloading; pass --model with a local checkpoint directory or 'tiny'", 1)
+
+
+def load_model(name: str, verbose: bool, explicit: bool = True, yes: bool = False):
     import time
 
     from .load import load
 
     if name not in ("tiny", "tiny-random") and not Path(name).expanduser().exists() and "/" not in name:
         fail(f"model {name!r} is neither a directory, a Hugging Face repo id (owner/name), nor 'tiny'")
+    confirm_download(name, explicit, yes)
     t = time.perf_counter()
     model, tokenizer = load(name)
     if verbose:
@@ -106,7 +163,9 @@ def load_model(name: str, verbose: bool):
 @app.command()
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="the prompt; '-' or none reads stdin")] = None,
-    model: ModelOpt = DEFAULT_MODEL, system: SystemOpt = None, thinking: ThinkingOpt = False,
+    prompt_opt: Annotated[str | None, typer.Option("--prompt", "-p", help="the prompt (instead of the argument)")
+                          ] = None,
+    model: ChosenModelOpt = None, system: SystemOpt = None, thinking: ThinkingOpt = False,
     reasoning_effort: EffortOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="no chat template: the prompt as is, after BOS")] = False,
     max_tokens: MaxTokensOpt = 256, temperature: TempOpt = 0.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0,
@@ -115,8 +174,13 @@ def generate(
         "--prompt-cache-file", help="a .safetensors file: made from the prompt's reusable prefix (the system "
         "prompt, else all but the last token) on the first run, reused by later runs")] = None,
     prefill_step_size: StepOpt = 512, show_reasoning: ShowReasoningOpt = True, verbose: VerboseOpt = False,
+    yes: YesOpt = False,
 ):
     """Generate a reply to one prompt and print it as it streams."""
+    if prompt_opt is not None:
+        if prompt is not None:
+            fail("give the prompt once: as the argument or with --prompt, not both", 2)
+        prompt = prompt_opt
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
             fail("no prompt: give it as an argument or pipe it on stdin", 2)
@@ -129,13 +193,14 @@ def generate(
     if prompt_cache_file is not None and prompt_cache_file.suffix != ".safetensors":
         fail(f"--prompt-cache-file {prompt_cache_file} must end in .safetensors", 2)
     opts = sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, prefill_step_size)
-    run_guarded(_generate, prompt, model, system, mode, effort, raw, opts, prompt_cache_file, show_reasoning, verbose)
+    run_guarded(_generate, prompt, model, system, mode, effort, raw, opts, prompt_cache_file, show_reasoning, verbose,
+                yes)
 
 
-def _generate(prompt, model_name, system, mode, effort, raw, opts, cache_file, show_reasoning, verbose):
+def _generate(prompt, model_name, system, mode, effort, raw, opts, cache_file, show_reasoning, verbose, yes=False):
     from .repl import Display, encode_turns, progress_bar
 
-    model, tok = load_model(model_name, verbose)
+    model, tok = load_model(model_name or DEFAULT_MODEL, verbose, model_name is not None, yes)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if raw:
         ids = tok.encode(prompt, add_special_tokens=False)
@@ -185,11 +250,11 @@ def _prompt_cache(model, tok, ids, messages, mode, effort, raw, path, opts, verb
 # -- chat ----------------------------------------------------------------------------------------
 @app.command()
 def chat(
-    model: ModelOpt = DEFAULT_MODEL, system: SystemOpt = None, thinking: ThinkingOpt = False,
+    model: ChosenModelOpt = None, system: SystemOpt = None, thinking: ThinkingOpt = False,
     reasoning_effort: EffortOpt = None, max_tokens: MaxTokensOpt = 2048, temperature: TempOpt = 0.0,
     top_p: TopPOpt = 1.0, top_k: TopKOpt = 0, min_p: MinPOpt = 0.0, repetition_penalty: RepOpt = None,
     seed: SeedOpt = None, stop: StopOpt = None, prefill_step_size: StepOpt = 512,
-    show_reasoning: ShowReasoningOpt = True, verbose: VerboseOpt = False,
+    show_reasoning: ShowReasoningOpt = True, verbose: VerboseOpt = False, yes: YesOpt = False,
 ):
     """An interactive chat with history. One message per line; /reset clears the history, /exit ends."""
     mode, effort = chat_mode(thinking, reasoning_effort)
@@ -198,7 +263,7 @@ def chat(
     def session():
         from .repl import ChatSession
 
-        m, tok = load_model(model, verbose)
+        m, tok = load_model(model or DEFAULT_MODEL, verbose, model is not None, yes)
         ChatSession(m, tok, system, mode, effort, opts, show_reasoning, verbose).run(sys.stdin, sys.stdout)
 
     run_guarded(session)
@@ -293,6 +358,11 @@ def bench(
         fail(f"--contexts must list positive lengths, got {contexts!r}", 2)
     if dtype not in (None, "float32", "bfloat16", "float16"):
         fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}", 2)
+    if png_out:  # checked now, not after the whole run
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--png needs matplotlib (pip install matplotlib); nothing was run", 2)
 
     def run():
         try:

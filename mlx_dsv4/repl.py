@@ -135,7 +135,8 @@ class ChatSession:
         self.messages = list(self.base)
         self.cache, self.cache_ids = None, []
 
-    def run(self, inp: TextIO, out: TextIO, err: TextIO = sys.stderr) -> None:
+    def run(self, inp: TextIO, out: TextIO, err: TextIO | None = None) -> None:
+        err = err or sys.stderr  # looked up now: a default bound at import would outlive a redirected stderr
         tty = inp.isatty()
         print(HELP, file=err)
         while True:

@@ -22,20 +22,16 @@ from mlx_dsv4.chat import (
 )
 from mlx_dsv4.chat.tokens import DSML, EOS, FORBIDDEN_IN_TEXT, PARAM_END
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "chat-golden.jsonl"
+GOLDEN = Path(__file__).resolve().parent / "data" / "chat-golden.jsonl"
 
 
 def golden(kind: str) -> list[dict]:
-    if not GOLDEN.exists():
-        pytest.skip(f"golden vectors not found at {GOLDEN}")
     # json keeps object key order, which the format depends on (tool schemas, arguments).
     return [x for x in map(json.loads, GOLDEN.read_text(encoding="utf-8").splitlines()) if x["kind"] == kind]
 
 
 def golden_params(kind: str) -> list:
-    """One pytest param per golden line (ids = line names), or one skipped param if the file is absent."""
-    if not GOLDEN.exists():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"golden vectors not found at {GOLDEN}"))]
+    """One pytest param per golden line (ids = line names)."""
     return [pytest.param(x, id=x["name"]) for x in golden(kind)]
 
 

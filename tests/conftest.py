@@ -5,14 +5,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+DATA = Path(__file__).resolve().parent / "data"  # reference data, provenance in data/README.md
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.exists():
-        pytest.skip(f"reference folder {SHARED} not present")
-    return SHARED
+def data_dir() -> Path:
+    return DATA
 
 
 # CI explores the same hypothesis examples every run (a failure found locally is kept by the

@@ -15,13 +15,13 @@ from mlx_dsv4.checkpoint.safetensors_io import nbytes
 from mlx_dsv4.checkpoint.writer_official import quantize_fp4_weight, random_official_weights, write_official_checkpoint
 
 
-def _cfg(shared_dir, name):
-    return json.loads((shared_dir / "reference" / "configs" / f"DeepSeek-V4-{name}.config.json").read_text())
+def _cfg(data_dir, name):
+    return json.loads((data_dir / "configs" / f"DeepSeek-V4-{name}.config.json").read_text())
 
 
-def test_flash_inventory_matches_the_published_index(shared_dir):
+def test_flash_inventory_matches_the_published_index(data_dir):
     """reference/README.md: 69,187 tensors, dtype counts, total_size 159,609,485,896 B; MTP 1,575."""
-    t = expected_tensors(_cfg(shared_dir, "Flash"))
+    t = expected_tensors(_cfg(data_dir, "Flash"))
     assert len(t) == 69_187
     assert Counter(dt for dt, _ in t.values()) == {"BF16": 433, "F32": 417, "F8_E4M3": 375, "F8_E8M0": 34_167,
                                                    "I8": 33_792, "I64": 3}
@@ -38,11 +38,11 @@ def test_flash_inventory_matches_the_published_index(shared_dir):
     assert "layers.1.attn.compressor.ape" not in t and "layers.3.attn.indexer.wq_b.weight" not in t
 
 
-def test_pro_and_flash0731_inventories(shared_dir):
-    assert len(expected_tensors(_cfg(shared_dir, "Pro"))) == 145_116
+def test_pro_and_flash0731_inventories(data_dir):
+    assert len(expected_tensors(_cfg(data_dir, "Pro"))) == 145_116
     # Flash-0731: 72,317 tensors and 166,878,536,440 B, of which the DSpark mtp.* namespace (skipped)
     # holds 4,705 tensors and 10,862,838,300 B.
-    t = expected_tensors(_cfg(shared_dir, "Flash-0731"))
+    t = expected_tensors(_cfg(data_dir, "Flash-0731"))
     assert len(t) == 72_317 - 4_705
     assert sum(nbytes(*s) for s in t.values()) == 166_878_536_440 - 10_862_838_300
 

@@ -72,9 +72,9 @@ def test_nbytes_per_token_matches_analytic():
         assert grown == lb.per_token * 512, (i, grown, lb)
 
 
-def test_calculator_real_configs(shared_dir):
+def test_calculator_real_configs(data_dir):
     def args(name):
-        return from_hf_config(json.loads((shared_dir / "reference" / "configs" / f"{name}.config.json").read_text()))
+        return from_hf_config(json.loads((data_dir / "configs" / f"{name}.config.json").read_text()))
 
     flash, pro = args("DeepSeek-V4-Flash"), args("DeepSeek-V4-Pro")
     M = 1_048_576

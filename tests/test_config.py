@@ -9,12 +9,12 @@ from mlx_dsv4.config import ConfigError, from_hf_config, load_config
 from mlx_dsv4.tiny import tiny_hf_config
 
 
-def _official(shared_dir, name):
-    return json.loads((shared_dir / "reference" / "configs" / f"{name}.config.json").read_text())
+def _official(data_dir, name):
+    return json.loads((data_dir / "configs" / f"{name}.config.json").read_text())
 
 
-def test_flash(shared_dir):
-    a = from_hf_config(_official(shared_dir, "DeepSeek-V4-Flash"))
+def test_flash(data_dir):
+    a = from_hf_config(_official(data_dir, "DeepSeek-V4-Flash"))
     assert (a.dim, a.n_layers, a.n_heads, a.q_lora_rank, a.o_groups, a.index_topk) == (4096, 43, 64, 1024, 8, 512)
     r = a.compress_ratios
     assert r[:2] == (0, 0) and r[43] == 0 and len(r) == 44
@@ -22,16 +22,16 @@ def test_flash(shared_dir):
     assert (a.rope_factor, a.original_seq_len, a.compress_rope_theta, a.route_scale) == (16, 65536, 160000, 1.5)
 
 
-def test_pro(shared_dir):
-    a = from_hf_config(_official(shared_dir, "DeepSeek-V4-Pro"))
+def test_pro(data_dir):
+    a = from_hf_config(_official(data_dir, "DeepSeek-V4-Pro"))
     assert (a.dim, a.n_layers, a.n_heads, a.n_routed_experts, a.index_topk, a.route_scale) == (7168, 61, 128, 384, 1024, 2.5)
     assert 0 not in a.compress_ratios[:61] and a.compress_ratios[61] == 0
 
 
-def test_flash_0731_dspark_is_recognised_and_skipped(shared_dir):
+def test_flash_0731_dspark_is_recognised_and_skipped(data_dir):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        a = from_hf_config(_official(shared_dir, "DeepSeek-V4-Flash-0731"))
+        a = from_hf_config(_official(data_dir, "DeepSeek-V4-Flash-0731"))
     assert len(a.compress_ratios) == 43 and a.n_mtp_layers == 0 and a.notes and "DSpark" in a.notes[0]
     assert any("DSpark" in str(x.message) for x in w)
 

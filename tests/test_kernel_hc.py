@@ -121,11 +121,11 @@ def test_references_match_float64_oracle(dtype):
 
 
 @needs_cxx
-def test_hc_pre_kernel_reproduces_official_sinkhorn_vectors(shared_dir):
+def test_hc_pre_kernel_reproduces_official_sinkhorn_vectors(data_dir):
     """mixes chosen exactly: 4 tokens, d = 24, token t's flat stream is 1/4 on block t (24 entries)
     and 0 elsewhere, fn[r, 24 t + r] = mix[t, r] / 2: one nonzero product per dot, and with
     norm_eps = 0 the mean square is 1/64, rho = 8, so the kernel sees the official mixes exactly."""
-    v = np.load(shared_dir / "reference" / "qat-vectors.npz")
+    v = np.load(data_dir / "qat-vectors.npz")
     n = 4
     X = np.zeros((n, 96), np.float32)
     fn = np.zeros((24, 96), np.float32)

@@ -33,7 +33,7 @@ from mlx_dsv4.qat import TrainedFormats
 from mlx_dsv4.rope import apply_rope, cos_sin
 
 SPEC = load_spec("index_finish")
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "qat-vectors.npz"
+VECTORS = Path(__file__).resolve().parent / "data" / "qat-vectors.npz"
 UNIT = {mx.float32: 2.0**-24, mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8}
 
 

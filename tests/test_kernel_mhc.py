@@ -19,8 +19,8 @@ TOL = 2e-6
 SPEC = load_spec("sinkhorn_split")
 
 
-def _vectors(shared_dir):
-    v = np.load(shared_dir / "reference" / "qat-vectors.npz")
+def _vectors(data_dir):
+    v = np.load(data_dir / "qat-vectors.npz")
     assert v["hc_mixes"].dtype == np.float32 and v["hc_mixes"].shape[1] == 24
     return v
 
@@ -41,8 +41,8 @@ def _random(n, seed, spread=5.0):
     return m, rng.uniform(0.2, 2.0, 3).astype(np.float32), rng.standard_normal(24).astype(np.float32)
 
 
-def test_reference_matches_official_vectors(shared_dir):
-    v = _vectors(shared_dir)
+def test_reference_matches_official_vectors(data_dir):
+    v = _vectors(data_dir)
     args = [mx.array(v[k]) for k in ("hc_mixes", "hc_scale", "hc_base")]
     ours = mhc.sinkhorn_split_reference(*args, iters=20, eps=1e-6)
     assert _close(ours, [v["hc_pre"], v["hc_post"], v["hc_comb"]])
@@ -51,8 +51,8 @@ def test_reference_matches_official_vectors(shared_dir):
 
 
 @needs_cxx
-def test_kernel_matches_official_vectors_and_reference(shared_dir):
-    v = _vectors(shared_dir)
+def test_kernel_matches_official_vectors_and_reference(data_dir):
+    v = _vectors(data_dir)
     m, s, b = v["hc_mixes"], v["hc_scale"], v["hc_base"]
     outs = _run(SPEC, m, s, b)
     assert _close(outs, [v["hc_pre"], v["hc_post"], v["hc_comb"]])

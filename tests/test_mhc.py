@@ -6,11 +6,11 @@ import numpy as np
 from mlx_dsv4.mhc import hc_post, hc_pre, sinkhorn_split
 
 
-def test_sinkhorn_split_matches_reference_vectors(shared_dir):
+def test_sinkhorn_split_matches_reference_vectors(data_dir):
     """qat-vectors hc_*: the official split (20 iterations, eps 1e-6). fp32 throughout; the
     vectors were produced with another summation order, so allow a few ulps (2e-6 absolute on
     values in [0, 2])."""
-    v = np.load(shared_dir / "reference" / "qat-vectors.npz")
+    v = np.load(data_dir / "qat-vectors.npz")
     pre, post, comb = sinkhorn_split(mx.array(v["hc_mixes"]), mx.array(v["hc_scale"]), mx.array(v["hc_base"]),
                                      4, 20, 1e-6)
     for ours, ref in ((pre, v["hc_pre"]), (post, v["hc_post"]), (comb, v["hc_comb"])):

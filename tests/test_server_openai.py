@@ -86,11 +86,9 @@ def test_reasoning_switches_select_the_mode(srv, extra, mode, effort):
 
 
 def _golden_cases():
-    from conftest import SHARED
+    from conftest import DATA
 
-    path = SHARED / "reference" / "chat-golden.jsonl"
-    if not path.exists():
-        return []
+    path = DATA / "chat-golden.jsonl"
     out = []
     for line in path.read_text().splitlines():
         d = json.loads(line)

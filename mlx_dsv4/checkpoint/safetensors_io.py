@@ -188,6 +188,24 @@ class ShardSet:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def _header(specs, metadata) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The header bytes (8-byte aligned) and each tensor's (offset, size) in the data section."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    off, slots = 0, {}
+    for name, dt, shape in specs:
+        n = nbytes(dt, shape)
+        header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+        slots[name] = (off, n)
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8), slots  # keep the data 8-byte aligned
+
+
+def header_bytes(specs, metadata=None) -> int:
+    """Bytes a file of these tensors spends before its data (length prefix + header)."""
+    return 8 + len(_header(specs, metadata)[0])
+
+
 class SafetensorsWriter:
     """Write one safetensors file whose tensors are known up front and whose data arrives in any
     order, possibly in pieces (`write(name, part, offset)`). Data goes to `<path>.partial`;
@@ -197,15 +215,9 @@ class SafetensorsWriter:
                  metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-        off, self.slots, self.written = 0, {}, {}
-        for name, dt, shape in specs:
-            n = nbytes(dt, shape)
-            header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
-            self.slots[name], self.written[name] = (off, n), 0
-            off += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+        raw, self.slots = _header(specs, metadata)
+        self.written = dict.fromkeys(self.slots, 0)
+        off = sum(n for _, n in self.slots.values())
         self.base, self.size = 8 + len(raw), 8 + len(raw) + off
         self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -249,6 +261,10 @@ class SafetensorsWriter:
         self.partial.unlink(missing_ok=True)
 
 
-def write_index(root: str | Path, weight_map: dict[str, str], total_size: int) -> None:
+def index_text(weight_map: dict[str, str], total_size: int) -> str:
     body = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (Path(root) / INDEX_NAME).write_text(json.dumps(body, indent=2) + "\n")
+    return json.dumps(body, indent=2) + "\n"
+
+
+def write_index(root: str | Path, weight_map: dict[str, str], total_size: int) -> None:
+    (Path(root) / INDEX_NAME).write_text(index_text(weight_map, total_size))
