@@ -33,6 +33,7 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: str | None  # None while running; "stop", "length" or "cancelled" at the end
+    expert_stats: dict | None = None  # streamed experts (last response only): ExpertStore.stats(), since load
 
 
 def prompt_tokens(tokenizer, prompt: str | list[int] | mx.array, vocab_size: int | None = None) -> list[int]:
@@ -197,9 +198,15 @@ def _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processor
             text=text, token=token, logprob=lp, top_logprobs=top, prompt_tokens=len(ids),
             cached_tokens=cached, prompt_tps=prompt_tps, generation_tokens=n,
             generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
+            expert_stats=_expert_stats(model) if finish is not None else None)
         if finish is not None:
             return
+
+
+def _expert_stats(model) -> dict | None:
+    store = getattr(model, "expert_store", None)
+    return store.stats() if store is not None else None
 
 
 def generate(model, tokenizer, prompt: str | list[int] | mx.array, verbose: bool = False, **kwargs) -> str:
@@ -218,7 +225,17 @@ def generate(model, tokenizer, prompt: str | list[int] | mx.array, verbose: bool
 
 def format_stats(r: GenerationResponse) -> str:
     cached = f" ({r.cached_tokens} cached)" if r.cached_tokens else ""
-    return (f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.3f} tokens-per-sec\n"
-            f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
-            f"Peak memory: {r.peak_memory:.3f} GB\n"
-            f"Finish reason: {r.finish_reason}")
+    lines = [f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.3f} tokens-per-sec",
+             f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
+             f"Peak memory: {r.peak_memory:.3f} GB"]
+    if r.expert_stats:
+        lines.append(format_expert_stats(r.expert_stats))
+    return "\n".join(lines + [f"Finish reason: {r.finish_reason}"])
+
+
+def format_expert_stats(s: dict) -> str:
+    rate = "-" if s["hit_rate"] is None else f"{100 * s['hit_rate']:.1f}%"
+    per = "-" if s["bytes_per_token"] is None else f"{s['bytes_per_token'] / 1e6:.2f} MB"
+    return (f"Experts streamed: hit rate {rate}, {per} read per token, {s['bytes_read'] / 1e9:.3f} GB read "
+            f"over {s['tokens']} tokens, budget {s['budget_gb']:.3g} GB = {s['capacity_experts']} experts "
+            f"of {s['experts_total_gb']:.3g} GB")
