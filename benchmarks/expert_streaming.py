@@ -91,8 +91,8 @@ def main() -> None:
         total = expert_nbytes(slab_spec(files, mx.bfloat16)) * sum(f.n_experts for f in files.values())
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         print(f"machine: {machine()}")
-        print(f"checkpoint {path}: {size / 1e9:.3f} GB, routed experts {total / 1e9:.3f} GB ({100 * total / size:.0f}%); "
-              f"prompt {a.prompt_tokens} tokens, {a.gen_tokens} greedy tokens, bf16")
+        print(f"checkpoint {path}: {size / 1e9:.3f} GB, routed experts {total / 1e9:.3f} GB "
+              f"({100 * total / size:.0f}%); prompt {a.prompt_tokens} tokens, {a.gen_tokens} greedy tokens, bf16")
         base = run_child(path, None, a.prompt_tokens, a.gen_tokens)
         print("| experts budget | decode ms/token | time vs resident | hit rate | MB read / token | peak GB | "
               "peak vs resident | same tokens |")

@@ -223,7 +223,8 @@ def convert(
     hf_path: Annotated[str, typer.Option("--hf-path", help="official checkpoint directory or Hub repo id")],
     mlx_path: Annotated[Path, typer.Option("--mlx-path", help="output directory")],
     quant_mode: Annotated[str, typer.Option("--quant-mode", "-q",
-                                            help="lossless | bf16 | fp32 | affine8 | affine4 | q3 | q2 | q2-all")] = "lossless",
+                                            help="lossless | bf16 | fp32 | affine8 | affine4 | q3 | q2 | "
+                                            "q2-all")] = "lossless",
     group_size: Annotated[int, typer.Option("--group-size", help="group size of affine formats: 32, 64, 128")] = 64,
     override: Annotated[list[str] | None, typer.Option("--override", metavar="CLASS=FORMAT",
                                                           help="per tensor class format (repeatable)")] = None,

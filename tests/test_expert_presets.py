@@ -59,12 +59,14 @@ def test_codes_are_the_official_fp4_values_quantized(converted):
         raw.update(read_raw(f))
 
     def fp4_values(e: int, w: str) -> np.ndarray:
-        (_, ws, wd), (_, ss, sd) = raw[f"layers.1.ffn.experts.{e}.{w}.weight"], raw[f"layers.1.ffn.experts.{e}.{w}.scale"]
+        name = f"layers.1.ffn.experts.{e}.{w}"
+        (_, ws, wd), (_, ss, sd) = raw[f"{name}.weight"], raw[f"{name}.scale"]
         return dequant_fp4(np.frombuffer(wd, np.int8).reshape(ws), np.frombuffer(sd, np.uint8).reshape(ss))
 
     _, W = load_weights(out["q2"])
     for w, bits in (("w1", 2), ("w2", 3)):
-        stored = [np.array(W[f"layers.1.ffn.experts.{w}.{s}"][3].astype(mx.float32)) for s in ("weight", "scales", "biases")]
+        parts = [W[f"layers.1.ffn.experts.{w}.{s}"][3] for s in ("weight", "scales", "biases")]  # expert 3
+        stored = [np.array(a.astype(mx.float32)) for a in parts]
         x = mx.array(fp4_values(3, w).astype(np.float32)).astype(mx.bfloat16)  # exact: FP4 x 2^k fits bf16
         want = [np.array(a.astype(mx.float32)) for a in mx.quantize(x, group_size=64, bits=bits, mode="affine")]
         assert all(np.array_equal(a, b) for a, b in zip(stored, want)), w
@@ -72,8 +74,7 @@ def test_codes_are_the_official_fp4_values_quantized(converted):
         assert not np.array_equal(stored[0], np.array(mx.quantize(other, group_size=64, bits=bits)[0]))
         # and the dequantized weights are within one step (+ bf16 rounding of scale and bias) of them: MLX
         # shifts the affine grid so that 0 is exact, which can leave a group's extreme a step away
-        deq = np.array(mx.dequantize(*(W[f"layers.1.ffn.experts.{w}.{s}"][3] for s in ("weight", "scales", "biases")),
-                                     group_size=64, bits=bits).astype(mx.float32))
+        deq = np.array(mx.dequantize(*parts, group_size=64, bits=bits).astype(mx.float32))
         ref, scale = fp4_values(3, w), np.repeat(np.abs(stored[1]), 64, axis=1)
         slack = 2.0**-8 * (np.abs(np.repeat(stored[2], 64, axis=1)) + (2**bits - 1) * scale)
         assert (np.abs(deq - ref) <= scale + slack + 1e-12).all()
