@@ -31,17 +31,19 @@ def machine() -> dict:
     return info
 
 
-def load_bench_model(name: str, dtype, simulate_qat: bool = True):
+def load_bench_model(name: str, dtype, simulate_qat: bool = True, expert_memory_gb: float | None = None):
     from .config import from_hf_config
     from .load import build_model, load, to_model_layout
     from .tiny import bench_hf_config, random_weights, tiny_hf_config
 
     if name in ("tiny-random", "bench"):
+        if expert_memory_gb is not None:
+            raise ValueError(f"--expert-memory-gb streams experts from checkpoint files; the {name!r} model has none")
         cfg = tiny_hf_config("flash") if name == "tiny-random" else bench_hf_config()
         args = from_hf_config(cfg)
         w = {k: mx.array(v) for k, v in random_weights(args, 0).items()}
         return build_model(args, to_model_layout(w, args), dtype, simulate_qat)
-    return load(name, dtype=dtype, simulate_qat=simulate_qat)[0]
+    return load(name, dtype=dtype, simulate_qat=simulate_qat, expert_memory_gb=expert_memory_gb)[0]
 
 
 def measure(model, context: int, gen_tokens: int, chunk: int, seed: int = 0) -> dict:
@@ -55,6 +57,9 @@ def measure(model, context: int, gen_tokens: int, chunk: int, seed: int = 0) -> 
         logits = model(toks[:, s : s + chunk], cache, last_only=True)
         mx.eval(logits, [c.state for c in cache])
     prefill = time.perf_counter() - t0
+    store = model.expert_store
+    if store is not None:
+        store.reset_stats()  # streamed experts: report decode's hits and reads
     tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
     t0 = time.perf_counter()
     for _ in range(gen_tokens):
@@ -76,17 +81,20 @@ def measure(model, context: int, gen_tokens: int, chunk: int, seed: int = 0) -> 
     return {"context": context, "prompt_tps": context / prefill, "generation_tps": gen_tokens / decode,
             "decode_ms": 1e3 * decode / gen_tokens, "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "cache_bytes": sum(c.nbytes for c in cache),
-            "cache_bytes_per_token_by_ratio": per_ratio, "analytic_bytes_per_token_by_ratio": analytic}
+            "cache_bytes_per_token_by_ratio": per_ratio, "analytic_bytes_per_token_by_ratio": analytic,
+            "experts": store.stats() if store is not None else None}
 
 
 def run(model: str = "bench", contexts=(1024, 4096, 16384), gen_tokens: int = 16, chunk: int = 2048,
-        dtype: str | None = None, out_json: str | None = None, out_png: str | None = None, echo=print) -> dict:
+        dtype: str | None = None, out_json: str | None = None, out_png: str | None = None, echo=print,
+        expert_memory_gb: float | None = None) -> dict:
     dt = getattr(mx, dtype) if dtype else (mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
-    m = load_bench_model(model, dt)
+    m = load_bench_model(model, dt, expert_memory_gb=expert_memory_gb)
     window = max(m.args.ratio(i) for i in range(m.args.n_layers))
     if min(contexts) < window:  # bytes per token are measured over completed compression windows
         raise ValueError(f"contexts must be at least {window} tokens (one compression window), got {min(contexts)}")
     result = {"model": model, "dtype": str(dt), "chunk": chunk, "gen_tokens": gen_tokens, "machine": machine(),
+              "expert_memory_gb": expert_memory_gb,
               "analytic_1m_gib": cache_bytes(m.args, 1 << 20)["total"] / 2**30, "runs": []}
     echo(f"machine: {result['machine']}")
     echo(f"model {model} ({dt}), prefill chunk {chunk}, {gen_tokens} generated tokens per context")
@@ -99,6 +107,10 @@ def run(model: str = "bench", contexts=(1024, 4096, 16384), gen_tokens: int = 16
         echo(f"| {ctx:,} | {r['prompt_tps']:.1f} | {r['generation_tps']:.2f} | {r['decode_ms']:.1f} | "
              f"{r['peak_memory_gb']:.2f} | {r['cache_bytes'] / 1e6:.1f} | {pr.get('4', 0):.1f} ({an.get('4', 0):.1f}) | "
              f"{pr.get('128', 0):.2f} ({an.get('128', 0):.2f}) |")
+        if r["experts"]:
+            from .generate import format_expert_stats
+
+            echo(f"  decode at {ctx:,}: {format_expert_stats(r['experts'])}")
     runs = result["runs"]
     if len(runs) > 1:
         ratio = runs[-1]["generation_tps"] / runs[0]["generation_tps"]

@@ -76,6 +76,9 @@ StopOpt = Annotated[list[str] | None, typer.Option(
     "carriage return and backslash, as a shell passes them literally")]
 StepOpt = Annotated[int, typer.Option("--prefill-step-size", min=1, help="prompt tokens per prefill chunk")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="print load time and token/s statistics")]
+ExpertMemOpt = Annotated[float | None, typer.Option(
+    "--expert-memory-gb", help="stream the routed experts from the checkpoint files, holding at most this many "
+    "GB of them in memory (same output; slower when they miss)")]
 ShowReasoningOpt = Annotated[bool, typer.Option("--show-reasoning/--hide-reasoning",
                                                 help="print the reasoning of --thinking (apart from the answer)")]
 
@@ -144,7 +147,13 @@ def confirm_download(name: str, explicit: bool, yes: bool) -> None:
         fail("not downloading; pass --model with a local checkpoint directory or 'tiny'", 1)
 
 
-def load_model(name: str, verbose: bool, explicit: bool = True, yes: bool = False):
+def check_expert_memory(gb: float | None) -> None:
+    if gb is not None and not 0 < gb < float("inf"):
+        fail(f"--expert-memory-gb must be a positive number of GB, got {gb}", 2)
+
+
+def load_model(name: str, verbose: bool, explicit: bool = True, yes: bool = False,
+               expert_memory_gb: float | None = None):
     import time
 
     from .load import load
@@ -153,7 +162,7 @@ def load_model(name: str, verbose: bool, explicit: bool = True, yes: bool = Fals
         fail(f"model {name!r} is neither a directory, a Hugging Face repo id (owner/name), nor 'tiny'")
     confirm_download(name, explicit, yes)
     t = time.perf_counter()
-    model, tokenizer = load(name)
+    model, tokenizer = load(name, expert_memory_gb=expert_memory_gb)
     if verbose:
         typer.echo(f"loaded {name} in {time.perf_counter() - t:.1f} s", err=True)
     return model, tokenizer
@@ -174,9 +183,10 @@ def generate(
         "--prompt-cache-file", help="a .safetensors file: made from the prompt's reusable prefix (the system "
         "prompt, else all but the last token) on the first run, reused by later runs")] = None,
     prefill_step_size: StepOpt = 512, show_reasoning: ShowReasoningOpt = True, verbose: VerboseOpt = False,
-    yes: YesOpt = False,
+    yes: YesOpt = False, expert_memory_gb: ExpertMemOpt = None,
 ):
     """Generate a reply to one prompt and print it as it streams."""
+    check_expert_memory(expert_memory_gb)
     if prompt_opt is not None:
         if prompt is not None:
             fail("give the prompt once: as the argument or with --prompt, not both", 2)
@@ -194,13 +204,14 @@ def generate(
         fail(f"--prompt-cache-file {prompt_cache_file} must end in .safetensors", 2)
     opts = sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, prefill_step_size)
     run_guarded(_generate, prompt, model, system, mode, effort, raw, opts, prompt_cache_file, show_reasoning, verbose,
-                yes)
+                yes, expert_memory_gb)
 
 
-def _generate(prompt, model_name, system, mode, effort, raw, opts, cache_file, show_reasoning, verbose, yes=False):
+def _generate(prompt, model_name, system, mode, effort, raw, opts, cache_file, show_reasoning, verbose, yes=False,
+              expert_memory_gb=None):
     from .repl import Display, encode_turns, progress_bar
 
-    model, tok = load_model(model_name or DEFAULT_MODEL, verbose, model_name is not None, yes)
+    model, tok = load_model(model_name or DEFAULT_MODEL, verbose, model_name is not None, yes, expert_memory_gb)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if raw:
         ids = tok.encode(prompt, add_special_tokens=False)
@@ -255,15 +266,17 @@ def chat(
     top_p: TopPOpt = 1.0, top_k: TopKOpt = 0, min_p: MinPOpt = 0.0, repetition_penalty: RepOpt = None,
     seed: SeedOpt = None, stop: StopOpt = None, prefill_step_size: StepOpt = 512,
     show_reasoning: ShowReasoningOpt = True, verbose: VerboseOpt = False, yes: YesOpt = False,
+    expert_memory_gb: ExpertMemOpt = None,
 ):
     """An interactive chat with history. One message per line; /reset clears the history, /exit ends."""
+    check_expert_memory(expert_memory_gb)
     mode, effort = chat_mode(thinking, reasoning_effort)
     opts = sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, prefill_step_size)
 
     def session():
         from .repl import ChatSession
 
-        m, tok = load_model(model or DEFAULT_MODEL, verbose, model is not None, yes)
+        m, tok = load_model(model or DEFAULT_MODEL, verbose, model is not None, yes, expert_memory_gb)
         ChatSession(m, tok, system, mode, effort, opts, show_reasoning, verbose).run(sys.stdin, sys.stdout)
 
     run_guarded(session)
@@ -275,7 +288,8 @@ def convert(
     hf_path: Annotated[str, typer.Option("--hf-path", help="official checkpoint directory or Hub repo id")],
     mlx_path: Annotated[Path, typer.Option("--mlx-path", help="output directory")],
     quant_mode: Annotated[str, typer.Option("--quant-mode", "-q",
-                                            help="lossless | bf16 | fp32 | affine8 | affine4")] = "lossless",
+                                            help="lossless | bf16 | fp32 | affine8 | affine4 | q3 | q2 | "
+                                            "q2-all")] = "lossless",
     group_size: Annotated[int, typer.Option("--group-size", help="group size of affine formats: 32, 64, 128")] = 64,
     override: Annotated[list[str] | None, typer.Option("--override", metavar="CLASS=FORMAT",
                                                           help="per tensor class format (repeatable)")] = None,
@@ -322,8 +336,10 @@ def serve(
     prefix_cache_gb: Annotated[float, typer.Option("--prefix-cache-gb", min=0.0,
                                                    help="memory the kept prompt caches may use")] = 4.0,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level")] = "info",
+    expert_memory_gb: ExpertMemOpt = None,
 ):
     """OpenAI- and Anthropic-compatible HTTP server."""
+    check_expert_memory(expert_memory_gb)
 
     def run():
         try:
@@ -332,7 +348,8 @@ def serve(
             fail(f"the server is not available in this installation ({e})")
         do_serve(model, host, port, api_key, max_tokens_limit=max_tokens_limit, max_context=max_context,
                  default_thinking=thinking, prefix_cache_entries=prefix_cache_entries,
-                 prefix_cache_bytes=int(prefix_cache_gb * 2**30), log_level=log_level)
+                 prefix_cache_bytes=int(prefix_cache_gb * 2**30), log_level=log_level,
+                 expert_memory_gb=expert_memory_gb)
 
     run_guarded(run)
 
@@ -348,8 +365,10 @@ def bench(
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="write the results as JSON")] = None,
     png_out: Annotated[str | None, typer.Option("--png", help="write a plot")] = None,
+    expert_memory_gb: ExpertMemOpt = None,
 ):
     """Prompt / generation tokens per second, peak memory and cache size at growing contexts."""
+    check_expert_memory(expert_memory_gb)
     try:
         ctx = tuple(int(c) for c in contexts.split(",") if c.strip())
     except ValueError:
@@ -372,7 +391,7 @@ def bench(
         if not hasattr(b, "run"):
             fail("mlx_dsv4.bench has no run(); the benchmark is not available in this installation")
         b.run(model=model, contexts=ctx, gen_tokens=gen_tokens, chunk=chunk, dtype=dtype,
-              out_json=json_out, out_png=png_out)
+              out_json=json_out, out_png=png_out, expert_memory_gb=expert_memory_gb)
 
     run_guarded(run)
 

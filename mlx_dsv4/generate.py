@@ -37,6 +37,7 @@ class GenerationResponse:
     from_draft: bool = False  # an MTP draft accepted by verification (num_draft_tokens > 0)
     draft_acceptance: list[float] | None = None  # so far, per draft position (speculative only)
     mean_accepted_length: float | None = None  # tokens emitted per verify pass (speculative only)
+    expert_stats: dict | None = None  # streamed experts (last response only): ExpertStore.stats(), since load
 
 
 def prompt_tokens(tokenizer, prompt: str | list[int] | mx.array, vocab_size: int | None = None) -> list[int]:
@@ -250,12 +251,18 @@ def _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processor
                 peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
                 from_draft=bool(e and e.from_draft),
                 draft_acceptance=stats.acceptance if stats else None,
-                mean_accepted_length=stats.mean_accepted_length if stats else None)
+                mean_accepted_length=stats.mean_accepted_length if stats else None,
+                expert_stats=_expert_stats(model) if finish is not None else None)
             if finish is not None:
                 return
     finally:  # however the stream ends, the cache keeps exactly the tokens emitted (but the last)
         if emitted:
             source.commit(max(used, 1))
+
+
+def _expert_stats(model) -> dict | None:
+    store = getattr(model, "expert_store", None)
+    return store.stats() if store is not None else None
 
 
 def generate(model, tokenizer, prompt: str | list[int] | mx.array, verbose: bool = False, **kwargs) -> str:
@@ -274,11 +281,21 @@ def generate(model, tokenizer, prompt: str | list[int] | mx.array, verbose: bool
 
 def format_stats(r: GenerationResponse) -> str:
     cached = f" ({r.cached_tokens} cached)" if r.cached_tokens else ""
-    drafts = ""
+    lines = []
     if r.draft_acceptance is not None:
         per = ", ".join(f"{a:.2f}" for a in r.draft_acceptance)
-        drafts = f"Drafts: {r.mean_accepted_length:.2f} tokens per verify, acceptance per position [{per}]\n"
-    return (drafts +f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.3f} tokens-per-sec\n"
-            f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
-            f"Peak memory: {r.peak_memory:.3f} GB\n"
-            f"Finish reason: {r.finish_reason}")
+        lines.append(f"Drafts: {r.mean_accepted_length:.2f} tokens per verify, acceptance per position [{per}]")
+    lines += [f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.3f} tokens-per-sec",
+             f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
+             f"Peak memory: {r.peak_memory:.3f} GB"]
+    if r.expert_stats:
+        lines.append(format_expert_stats(r.expert_stats))
+    return "\n".join(lines + [f"Finish reason: {r.finish_reason}"])
+
+
+def format_expert_stats(s: dict) -> str:
+    rate = "-" if s["hit_rate"] is None else f"{100 * s['hit_rate']:.1f}%"
+    per = "-" if s["bytes_per_token"] is None else f"{s['bytes_per_token'] / 1e6:.2f} MB"
+    return (f"Experts streamed: hit rate {rate}, {per} read per token, {s['bytes_read'] / 1e9:.3f} GB read "
+            f"over {s['tokens']} tokens, budget {s['budget_gb']:.3g} GB = {s['capacity_experts']} experts "
+            f"of {s['experts_total_gb']:.3g} GB")

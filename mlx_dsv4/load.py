@@ -51,14 +51,15 @@ def to_model_layout(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, 
 
 
 def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype=None, simulate_qat: bool = True,
-                quantization: dict | None = None) -> Model:
+                quantization: dict | None = None, streamed_experts: bool = False) -> Model:
     """Instantiate the model and load `weights` (model layout) strictly: every tensor must match.
 
     `quantization` (a converted config's per-module {group_size, bits, mode} entries) selects
     which modules become quantized before loading; packed weights and scales keep their dtype.
+    streamed_experts: the routed experts are not parameters (weights must not hold them).
     """
     dtype = dtype or mx.bfloat16
-    model = Model(args, simulate_qat=simulate_qat)
+    model = Model(args, simulate_qat=simulate_qat, streamed_experts=streamed_experts)
     if quantization:
         per_module = {k: v for k, v in quantization.items() if isinstance(v, dict)}
         nn.quantize(model, class_predicate=lambda path, _m: per_module.get(path, False))
@@ -115,9 +116,19 @@ def _is_official_unquantized(path: Path) -> bool:
 
 
 def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: int = 0,
-         revision: str | None = None):
+         revision: str | None = None, expert_memory_gb: float | None = None):
     """(model, tokenizer) from "tiny" (trained), "tiny-random", a converted MLX directory, an official directory (FP8/FP4
-    converted lazily on the fly, or unquantized) or a Hugging Face repo id. Weights load lazily."""
+    converted lazily on the fly, or unquantized) or a Hugging Face repo id. Weights load lazily.
+
+    expert_memory_gb: stream the routed experts from the checkpoint files, holding at most this many
+    GB of them (an LRU; model.expert_store reports hits and bytes read). Same logits as resident."""
+    if expert_memory_gb is not None:
+        from .expert_store import check_budget
+
+        check_budget(expert_memory_gb)
+        if str(path_or_name) == "tiny-random":
+            raise ValueError("expert streaming reads experts from checkpoint files; 'tiny-random' has none "
+                             "(write one with mlx_dsv4.checkpoint.write_official_checkpoint)")
     if str(path_or_name) == "tiny":
         from .tiny import trained_tiny_path
 
@@ -131,6 +142,9 @@ def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: 
         return model, load_tokenizer(None)
     path = Path(path_or_name)
     if path.is_dir() and (path / "config.json").exists() and _is_official_unquantized(path):
+        if expert_memory_gb is not None:
+            raise ValueError(f"{path} holds unquantized weights; expert streaming needs a converted or an "
+                             "official FP8/FP4 checkpoint")
         args, _ = load_config(path)
         weights = to_model_layout(_read_official_dir(path), args)
         return build_model(args, weights, dtype, simulate_qat), load_tokenizer(path)
@@ -140,5 +154,14 @@ def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: 
     root = resolve_source(path_or_name, revision)
     cfg, weights = load_weights(root)
     args = from_hf_config(cfg)
-    model = build_model(args, to_model_layout(weights, args), dtype, simulate_qat, cfg.get("quantization"))
+    store = None
+    if expert_memory_gb is not None:
+        from .expert_store import open_expert_store
+
+        store = open_expert_store(root, cfg, expert_memory_gb, dtype or mx.bfloat16, args.n_activated_experts)
+    if store is not None:  # the experts stay in the files: their lazy arrays are dropped unread
+        weights = {k: v for k, v in weights.items() if ".ffn.experts." not in k}
+    model = build_model(args, to_model_layout(weights, args), dtype, simulate_qat, cfg.get("quantization"),
+                        streamed_experts=store is not None)
+    model.expert_store = store
     return model, load_tokenizer(root)

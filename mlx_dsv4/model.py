@@ -19,11 +19,11 @@ from .qat import TrainedFormats
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, hashed: bool):
+    def __init__(self, args: ModelArgs, layer: int, hashed: bool, streamed: bool = False):
         super().__init__()
         self.args = args
         self.attn = Attention(args, layer)
-        self.ffn = MoE(args, hashed)
+        self.ffn = MoE(args, hashed, streamed)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         n = (2 + args.hc_mult) * args.hc_mult
@@ -39,11 +39,12 @@ class Block(nn.Module):
                       getattr(self, f"hc_{site}_base"), a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps,
                       (norm.weight, norm.eps))
 
-    def __call__(self, X: mx.array, tokens: mx.array, cache: LayerCache, qat: TrainedFormats) -> mx.array:
+    def __call__(self, X: mx.array, tokens: mx.array, cache: LayerCache, qat: TrainedFormats,
+                 experts=None) -> mx.array:
         h, post, comb = self._hc("attn", X)
         X = hc_post(self.attn(h, cache, qat), X, post, comb)
         h, post, comb = self._hc("ffn", X)
-        return hc_post(self.ffn(h, tokens), X, post, comb)
+        return hc_post(self.ffn(h, tokens, experts), X, post, comb)
 
 
 class HCHead(nn.Module):
@@ -64,29 +65,34 @@ class MTPBlock(Block, HCHead):
     """Multi-token prediction: combines the main model's final streams at position i with the
     embedding of token i+1 to predict token i+2. Shares embed and head with the main model."""
 
-    def __init__(self, args: ModelArgs, layer: int):
-        super().__init__(args, layer, hashed=False)
+    def __init__(self, args: ModelArgs, layer: int, streamed: bool = False):
+        super().__init__(args, layer, hashed=False, streamed=streamed)
         self.e_proj = nn.Linear(args.dim, args.dim, bias=False)
         self.h_proj = nn.Linear(args.dim, args.dim, bias=False)
         self.enorm = RMSNorm(args.dim, args.norm_eps)
         self.hnorm = RMSNorm(args.dim, args.norm_eps)
         self._init_head(args)
 
-    def __call__(self, h: mx.array, next_tokens: mx.array, embed: nn.Embedding, cache: LayerCache, qat):
+    def __call__(self, h: mx.array, next_tokens: mx.array, embed: nn.Embedding, cache: LayerCache, qat,
+                 experts=None):
         """The block's output streams [B, L, hc, d] (before its hc_head): drafting recurses on them."""
         e = self.e_proj(self.enorm(embed(next_tokens)))  # [B, L, d]
         X = e[:, :, None, :] + self.h_proj(self.hnorm(h))  # hnorm per stream
-        return super().__call__(X, next_tokens, cache, qat)
+        return super().__call__(X, next_tokens, cache, qat, experts)
 
 
 class Model(HCHead):
-    def __init__(self, args: ModelArgs, simulate_qat: bool = True):
+    """streamed_experts=True: the routed experts are no parameters; `expert_store` (an
+    expert_store.ExpertStore, attached by load) reads them from the checkpoint on demand."""
+
+    def __init__(self, args: ModelArgs, simulate_qat: bool = True, streamed_experts: bool = False):
         super().__init__()
         self.args = args
         self.qat = TrainedFormats(simulate_qat)
+        self.expert_store = None
         self.embed = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = [Block(args, i, hashed=i < args.n_hash_layers) for i in range(args.n_layers)]
-        self.mtp = [MTPBlock(args, args.n_layers + i) for i in range(args.n_mtp_layers)]
+        self.layers = [Block(args, i, i < args.n_hash_layers, streamed_experts) for i in range(args.n_layers)]
+        self.mtp = [MTPBlock(args, args.n_layers + i, streamed_experts) for i in range(args.n_mtp_layers)]
         self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self._init_head(args)
 
@@ -113,9 +119,13 @@ class Model(HCHead):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
         e = self.embed(tokens)
         X = mx.broadcast_to(e[:, :, None, :], (*e.shape[:2], self.args.hc_mult, e.shape[-1]))
-        for layer, c in zip(self.layers, cache):
-            X = layer(X, tokens, c, self.qat)
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            X = layer(X, tokens, c, self.qat, self._experts(f"layers.{i}"))
         return X
+
+    def _experts(self, block: str):
+        """The expert store's view of one block's routed experts (None when they are resident)."""
+        return None if self.expert_store is None else self.expert_store.layer(f"{block}.ffn.experts")
 
     def logits(self, h: mx.array) -> mx.array:
         """Head in float32, as the reference computes it."""
@@ -152,4 +162,4 @@ class Model(HCHead):
         if not self.mtp:
             raise ValueError("this checkpoint has no MTP layer")
         cache = cache or self.make_mtp_cache()
-        return self.mtp[0](h, next_tokens, self.embed, cache[0], self.qat)
+        return self.mtp[0](h, next_tokens, self.embed, cache[0], self.qat, self._experts("mtp.0"))

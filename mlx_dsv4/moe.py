@@ -8,6 +8,8 @@ clamped from above and the up projection clamped on both sides (routed and share
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
@@ -62,14 +64,43 @@ class Expert(nn.Module):
         return None
 
 
-def _expert_mm(layer: nn.Module, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
-    """One stacked projection for the selected experts (dense or quantized, via mlx-lm's layers)."""
-    if "scales" not in layer and layer.weight.dtype != mx.float32 and mx.default_device() == mx.cpu:
-        # MLX's CPU gather_mm is float32-only; dense low-precision experts only occur on CPU in tests
-        w = layer.weight.astype(mx.float32)
-        return mx.gather_mm(x.astype(mx.float32), mx.swapaxes(w, -1, -2), rhs_indices=idx,
-                            sorted_indices=sorted_indices).astype(x.dtype)
-    return layer(x, idx, sorted_indices=sorted_indices)
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One projection of a stack of experts [n, out, in] as MLX holds it: a dense weight, or a
+    quantized (weight, scales, biases) with its MLX format. The resident model's come from its
+    SwitchLinear layers; a streamed model's from the expert store, holding only some experts."""
+
+    weight: mx.array
+    scales: mx.array | None = None
+    biases: mx.array | None = None
+    mode: str | None = None
+    bits: int | None = None
+    group_size: int | None = None
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> ExpertWeights:
+        if "bias" in layer or getattr(layer, "global_scale", None) is not None:
+            raise ValueError("routed experts: biases and global scales are not part of DeepSeek-V4")
+        if "scales" not in layer:
+            return cls(layer.weight)
+        return cls(layer.weight, layer.scales, layer.get("biases"), layer.mode, layer.bits, layer.group_size)
+
+    def is_mx(self, mode: str, bits: int) -> bool:
+        """In the layout the expert kernels read (group 32, no biases)."""
+        return self.mode == mode and self.group_size == 32 and self.bits == bits and self.biases is None
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        """x @ W_idx^T for the selected experts (what mlx-lm's SwitchLinear / QuantizedSwitchLinear do)."""
+        if self.scales is not None:
+            return mx.gather_qmm(x, self.weight, self.scales, self.biases, rhs_indices=idx, transpose=True,
+                                 group_size=self.group_size, bits=self.bits, mode=self.mode,
+                                 sorted_indices=sorted_indices)
+        w = self.weight
+        if w.dtype != mx.float32 and mx.default_device() == mx.cpu:
+            # MLX's CPU gather_mm is float32-only; dense low-precision experts only occur on CPU in tests
+            return mx.gather_mm(x.astype(mx.float32), mx.swapaxes(w.astype(mx.float32), -1, -2), rhs_indices=idx,
+                                sorted_indices=sorted_indices).astype(x.dtype)
+        return mx.gather_mm(x, mx.swapaxes(w, -1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
 
 
 def _is_mx(layer: nn.Module, mode: str, bits: int) -> bool:
@@ -79,65 +110,99 @@ def _is_mx(layer: nn.Module, mode: str, bits: int) -> bool:
             and "bias" not in layer)
 
 
-def _is_mxfp4(layer: nn.Module) -> bool:
-    """mlx-lm's QuantizedSwitchLinear in the layout the expert kernels read (no biases of any kind)."""
-    return _is_mx(layer, "mxfp4", 4)
-
-
 class RoutedExperts(nn.Module):
-    """All routed experts stacked: w1/w3 [E, inter, d], w2 [E, d, inter] (dense or quantized)."""
+    """All routed experts stacked: w1/w3 [E, inter, d], w2 [E, d, inter] (dense or quantized).
 
-    def __init__(self, dim: int, inter: int, n_experts: int, limit: float):
+    streamed=True: the module holds no weights; each call gets the selected experts' (w1, w3, w2)
+    from the expert store (`stacks`), with ids renumbered into those stacks."""
+
+    def __init__(self, dim: int, inter: int, n_experts: int, limit: float, streamed: bool = False):
         super().__init__()
-        self.w1 = SwitchLinear(dim, inter, n_experts, bias=False)
-        self.w2 = SwitchLinear(inter, dim, n_experts, bias=False)
-        self.w3 = SwitchLinear(dim, inter, n_experts, bias=False)
+        if not streamed:
+            self.w1 = SwitchLinear(dim, inter, n_experts, bias=False)
+            self.w2 = SwitchLinear(inter, dim, n_experts, bias=False)
+            self.w3 = SwitchLinear(dim, inter, n_experts, bias=False)
         self.limit = limit
 
-    def takes_kernels(self, ids: mx.array) -> bool:
-        """Decode-sized routing (no sorting) on mxfp4 weights with the kernels available."""
-        layers = (self.w1, self.w3, self.w2)
-        return ids.size < SORT_ROWS and registry.use_kernels() and all(_is_mxfp4(m) for m in layers)
+    @property
+    def streamed(self) -> bool:
+        return "w1" not in self
 
-    def __call__(self, x: mx.array, ids: mx.array, weights: mx.array, shared=None) -> mx.array:
+    def stacks(self) -> tuple[ExpertWeights, ExpertWeights, ExpertWeights]:
+        if self.streamed:
+            raise ValueError("routed experts are streamed: the call needs the expert store's stacks")
+        return tuple(ExpertWeights.of(m) for m in (self.w1, self.w3, self.w2))
+
+    def takes_kernels(self, ids: mx.array, stacks=None) -> bool:
+        """Decode-sized routing (no sorting) on mxfp4 weights with the kernels available."""
+        if ids.size >= SORT_ROWS or not registry.use_kernels():
+            return False
+        return all(w.is_mx("mxfp4", 4) for w in (stacks or self.stacks()))
+
+    def __call__(self, x: mx.array, ids: mx.array, weights: mx.array, shared=None, stacks=None,
+                 sort: bool | None = None) -> mx.array:
         """x [N, d], ids/weights [N, k] -> sum_e w_e * expert_e(x) [N, d] in float32; with shared (the
-        shared expert's Expert.mxfp8() pairs, kernel path only) + the shared expert's output."""
-        kernels = self.takes_kernels(ids)
+        shared expert's Expert.mxfp8() pairs, kernel path only) + the shared expert's output.
+        stacks: the (w1, w3, w2) ExpertWeights that ids index (default: this module's). sort: group rows
+        by expert (default: ids.size >= SORT_ROWS; a streamed call split into parts passes the whole's)."""
+        w1, w3, w2 = stacks = stacks or self.stacks()
+        do_sort = ids.size >= SORT_ROWS if sort is None else sort
+        kernels = not do_sort and self.takes_kernels(ids, stacks)
         if shared is not None and not kernels:
             raise ValueError("routed experts: shared is fused only on the kernel path (see takes_kernels)")
         if kernels:
-            w1, w3, w2 = ((m.weight, m.scales) for m in (self.w1, self.w3, self.w2))
-            return expert_kernels.routed_experts(x, ids, weights, w1, w3, w2, self.limit, shared)
+            pairs = ((w.weight, w.scales) for w in stacks)
+            return expert_kernels.routed_experts(x, ids, weights, *pairs, self.limit, shared)
         xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, d]
-        do_sort = ids.size >= SORT_ROWS  # group rows by expert so each expert's weights are read once
         idx, inv, wts = ids, None, weights
-        if do_sort:
+        if do_sort:  # group rows by expert so each expert's weights are read once
             xe, idx, inv = _gather_sort(xe, ids)
             wts = weights.flatten()[mx.argsort(ids.flatten())][:, None, None]
         else:
             wts = weights[..., None, None]
-        h = clamped_swiglu(_expert_mm(self.w1, xe, idx, do_sort), _expert_mm(self.w3, xe, idx, do_sort), self.limit)
+        h = clamped_swiglu(w1(xe, idx, do_sort), w3(xe, idx, do_sort), self.limit)
         h = (h * wts).astype(x.dtype)  # the reference scales before w2
-        y = _expert_mm(self.w2, h, idx, do_sort).astype(mx.float32)
+        y = w2(h, idx, do_sort).astype(mx.float32)
         if do_sort:
             y = _scatter_unsort(y, inv, ids.shape)
         return y.squeeze(-2).sum(axis=-2)
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, hashed: bool):
+    def __init__(self, args: ModelArgs, hashed: bool, streamed: bool = False):
         super().__init__()
         self.gate = Gate(args, hashed)
-        self.experts = RoutedExperts(args.dim, args.moe_inter_dim, args.n_routed_experts, args.swiglu_limit)
+        self.experts = RoutedExperts(args.dim, args.moe_inter_dim, args.n_routed_experts, args.swiglu_limit,
+                                     streamed)
         self.shared_experts = Expert(args.dim, args.moe_inter_dim, args.swiglu_limit)
 
-    def __call__(self, x: mx.array, tokens: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, tokens: mx.array, experts=None) -> mx.array:
+        """experts: this layer's view of the expert store (expert_store.LayerExperts) when the routed
+        experts are streamed from disk; None when they are resident."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         w, ids = self.gate(flat, tokens.reshape(-1))
-        shared = self.shared_experts.mxfp8() if self.experts.takes_kernels(ids) else None
-        if shared is not None:  # decode on a converted checkpoint: routed + shared in the two kernels
-            y = self.experts(flat, ids, w, shared)
+        if experts is not None:
+            y = self._streamed(flat, w, ids, experts)
+        elif (shared := self.shared_experts.mxfp8() if self.experts.takes_kernels(ids) else None) is not None:
+            y = self.experts(flat, ids, w, shared)  # decode on a converted checkpoint: routed + shared in two kernels
         else:
             y = self.experts(flat, ids, w) + self.shared_experts(flat).astype(mx.float32)
         return y.astype(x.dtype).reshape(shape)  # back to the model dtype: fp32 must not leak
+
+    def _streamed(self, flat: mx.array, w: mx.array, ids: mx.array, experts) -> mx.array:
+        """The same computation on the store's stacks. The store may split the rows into parts whose
+        experts fit its budget; each part is evaluated before the next load overwrites its slots, and
+        every part takes the path (sorted or not, kernels or not) the whole call would take."""
+        sort = ids.size >= SORT_ROWS
+        parts, outs = experts.select(ids), []
+        fused = None
+        for (r0, r1), local, stacks in parts:
+            if fused is None:
+                fused = not sort and self.experts.takes_kernels(local, stacks) and self.shared_experts.mxfp8()
+            shared = fused or None
+            outs.append(self.experts(flat[r0:r1], local, w[r0:r1], shared, stacks, sort))
+            if r1 < flat.shape[0]:
+                mx.eval(outs[-1])
+        y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+        return y if fused else y + self.shared_experts(flat).astype(mx.float32)

@@ -149,7 +149,7 @@ def test_prompt_longer_than_the_context(tiny, monkeypatch):
     model, tok = tiny
     small = dataclasses.replace(model.args, max_position_embeddings=5)
     monkeypatch.setattr(model, "args", small)
-    monkeypatch.setattr(cli_mod, "load_model", lambda name, verbose, *a: (model, tok))
+    monkeypatch.setattr(cli_mod, "load_model", lambda name, verbose, *a, **k: (model, tok))
     r = CliRunner().invoke(cli_mod.app, ["generate", "--raw", "a rather long prompt of many words"])
     assert r.exit_code == 1 and "longer than the model's context of 5" in r.output
 

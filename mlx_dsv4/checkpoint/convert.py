@@ -146,7 +146,7 @@ def convert(hf_path: str | Path, mlx_path: str | Path, quant_mode: str = "lossle
             overrides: dict[str, str] | None = None, max_shard_gb: float = 5.0, progress: bool = True,
             overwrite: bool = False, revision: str | None = None) -> Path:
     """Convert an official checkpoint (local directory or Hub repo id) into an MLX checkpoint at
-    mlx_path. quant_mode: lossless | bf16 | fp32 | affine8 | affine4; overrides: {class: format}
+    mlx_path. quant_mode: lossless | bf16 | fp32 | affine8 | affine4 | q3 | q2 | q2-all; overrides: {class: format}
     (see policy.CLASSES / policy.FORMATS); group_size applies to affine formats. Returns mlx_path."""
     formats = resolve(quant_mode, overrides)
     if group_size not in GROUP_SIZES:

@@ -9,6 +9,12 @@ Formats:
 
 Small tensors (norms, hc_*, attn_sink, ape, gate.bias) always keep their precision; tid2eid
 becomes int32.
+
+Routed experts are 94% of Flash's bytes, so their projections can differ: `experts` sets all three,
+`experts_gate_up` (w1, w3) and `experts_down` (w2) override it. The low-bit presets requantize the
+official FP4 values themselves (exact in bf16) to MLX affine 2/3-bit, and keep everything else in its
+trained format; q2 follows ds4's q2: gate/up at 2 bits, the down projection (which every expert
+output passes through last) at 3.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import re
 
 CLASSES: dict[str, str] = {
-    "experts": "routed experts (ffn.experts.*)",
+    "experts": "routed experts (ffn.experts.*), all three projections",
+    "experts_gate_up": "routed experts' gate and up projections w1, w3 (default: as experts)",
+    "experts_down": "routed experts' down projection w2 (default: as experts)",
     "shared_experts": "the shared expert (ffn.shared_experts.*)",
     "attention": "attention projections wq_a, wq_b, wkv, wo_b",
     "wo_a": "the grouped output projection attn.wo_a",
@@ -31,19 +39,26 @@ FORMATS = ("keep", "bf16", "fp32", "mxfp4", "mxfp8") + tuple(f"affine{b}" for b 
 GROUP_SIZES = (32, 64, 128)
 MX_GROUP = 32
 
+_EXPERT_PARTS = ("experts_gate_up", "experts_down")  # default to the `experts` format
+_WHOLE = [c for c in CLASSES if c not in _EXPERT_PARTS]  # what presets set unless they split the experts
 _AFFINE_DEFAULT = {c: "keep" for c in ("experts", "router")}
 # "small" is not user-selectable: only the all-fp32 preset (for fp32 reference runs) widens it.
 PRESETS: dict[str, dict[str, str]] = {
-    "lossless": {c: "keep" for c in CLASSES},
-    "bf16": {c: "bf16" for c in CLASSES},
-    "fp32": {c: "fp32" for c in (*CLASSES, "small")},
+    "lossless": {c: "keep" for c in _WHOLE},
+    "bf16": {c: "bf16" for c in _WHOLE},
+    "fp32": {c: "fp32" for c in (*_WHOLE, "small")},
     # Experts stay exact mxfp4; the rest is the quality-sensitive part, so 8 bits is the sane default.
-    "affine8": {c: _AFFINE_DEFAULT.get(c, "affine8") for c in CLASSES},
-    "affine4": {c: _AFFINE_DEFAULT.get(c, "affine4") for c in CLASSES},
+    "affine8": {c: _AFFINE_DEFAULT.get(c, "affine8") for c in _WHOLE},
+    "affine4": {c: _AFFINE_DEFAULT.get(c, "affine4") for c in _WHOLE},
+    # Routed experts only, for 64-128 GB Macs; attention, shared expert and the rest stay as trained.
+    "q3": {c: "keep" for c in _WHOLE} | {"experts": "affine3"},
+    "q2": {c: "keep" for c in _WHOLE} | {"experts": "affine2", "experts_down": "affine3"},
+    "q2-all": {c: "keep" for c in _WHOLE} | {"experts": "affine2"},
 }
 
 _RULES = [  # (class, pattern on the official/MLX weight name); first match wins
-    ("experts", r"\.ffn\.experts\."),
+    ("experts_gate_up", r"\.ffn\.experts\.(\d+\.)?w[13]\."),
+    ("experts_down", r"\.ffn\.experts\.(\d+\.)?w2\."),
     ("shared_experts", r"\.ffn\.shared_experts\."),
     ("router", r"\.ffn\.gate\.weight$"),
     ("compressor", r"\.compressor\.(wkv|wgate)\.weight$"),
@@ -68,13 +83,17 @@ def resolve(quant_mode: str = "lossless", overrides: dict[str, str] | None = Non
     """class -> format, from a preset plus per-class overrides; rejects unknown names clearly."""
     if quant_mode not in PRESETS:
         raise ValueError(f"unknown quant mode {quant_mode!r}; choose from {', '.join(PRESETS)}")
-    formats = {"small": "keep"} | PRESETS[quant_mode]
-    for cls, fmt in (overrides or {}).items():
+    preset = PRESETS[quant_mode]
+    overrides = overrides or {}
+    for cls, fmt in overrides.items():
         if cls not in CLASSES:
             raise ValueError(f"unknown tensor class {cls!r}; choose from {', '.join(CLASSES)}")
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r} for {cls}; choose from {', '.join(FORMATS)}")
-        formats[cls] = fmt
+    formats = {"small": "keep"} | preset | overrides
+    for part in _EXPERT_PARTS:  # explicit part > explicit experts > the preset's part > its experts
+        if part not in overrides and ("experts" in overrides or part not in preset):
+            formats[part] = formats["experts"]
     return formats
 
 

@@ -163,7 +163,11 @@ def create_app(model, tokenizer, *, model_name: str = "deepseek-v4", api_key: st
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": srv.name, "queued": getattr(srv.engine, "pending", 0)}
+        body = {"status": "ok", "model": srv.name, "queued": getattr(srv.engine, "pending", 0)}
+        store = getattr(model, "expert_store", None)
+        if store is not None:  # streamed experts: hit rate and bytes read from disk (per token) since load
+            body["experts"] = store.stats()
+        return body
 
     openai_api.add_routes(app, srv)
     responses_api.add_routes(app, srv)
@@ -174,7 +178,8 @@ def create_app(model, tokenizer, *, model_name: str = "deepseek-v4", api_key: st
 def serve(model: str = "deepseek-ai/DeepSeek-V4-Flash", host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, max_tokens_limit: int = 65536, max_body_bytes: int = 32 << 20,
           max_context: int | None = None, default_thinking: bool = False, prefix_cache_entries: int = 8,
-          prefix_cache_bytes: int = 4 << 30, log_level: str = "info", **kw) -> None:
+          prefix_cache_bytes: int = 4 << 30, log_level: str = "info", expert_memory_gb: float | None = None,
+          **kw) -> None:
     """Load `model` (Hub id, directory or "tiny") once and serve it until interrupted."""
     import uvicorn
 
@@ -183,7 +188,7 @@ def serve(model: str = "deepseek-ai/DeepSeek-V4-Flash", host: str = "127.0.0.1",
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
               file=sys.stderr)
-    m, tok = load(model)
+    m, tok = load(model, expert_memory_gb=expert_memory_gb)
     app = create_app(m, tok, model_name=str(model), api_key=api_key, max_tokens_limit=max_tokens_limit,
                      max_body_bytes=max_body_bytes, max_context=max_context, default_thinking=default_thinking,
                      prefix_cache=PrefixCache(prefix_cache_entries, prefix_cache_bytes), **kw)
