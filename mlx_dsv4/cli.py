@@ -74,6 +74,8 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="random seed for sam
 StopOpt = Annotated[list[str] | None, typer.Option(
     "--stop", help="stop string (repeatable); the escapes \\n \\t \\r \\\\ stand for a newline, tab, "
     "carriage return and backslash, as a shell passes them literally")]
+DraftOpt = Annotated[int, typer.Option("--num-draft-tokens", min=0, max=16, help="draft up to K tokens per step "
+                                      "with the model's MTP layer, verified in one pass (0 = off)")]
 StepOpt = Annotated[int, typer.Option("--prefill-step-size", min=1, help="prompt tokens per prefill chunk")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="print load time and token/s statistics")]
 ExpertMemOpt = Annotated[float | None, typer.Option(
@@ -83,14 +85,16 @@ ShowReasoningOpt = Annotated[bool, typer.Option("--show-reasoning/--hide-reasoni
                                                 help="print the reasoning of --thinking (apart from the answer)")]
 
 
-def sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, step) -> dict:
+def sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, step,
+             num_draft_tokens: int = 0) -> dict:
     if not 0 < top_p <= 1:
         fail(f"--top-p must satisfy 0 < top_p <= 1, got {top_p}", 2)
     if repetition_penalty is not None and not repetition_penalty > 0:
         fail(f"--repetition-penalty must be > 0, got {repetition_penalty}", 2)
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
             "min_p": min_p, "repetition_penalty": repetition_penalty, "seed": seed,
-            "stop": [unescape(s) for s in stop or []] or None, "prefill_step_size": step}
+            "stop": [unescape(s) for s in stop or []] or None, "prefill_step_size": step,
+            "num_draft_tokens": num_draft_tokens}
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -183,7 +187,7 @@ def generate(
         "--prompt-cache-file", help="a .safetensors file: made from the prompt's reusable prefix (the system "
         "prompt, else all but the last token) on the first run, reused by later runs")] = None,
     prefill_step_size: StepOpt = 512, show_reasoning: ShowReasoningOpt = True, verbose: VerboseOpt = False,
-    yes: YesOpt = False, expert_memory_gb: ExpertMemOpt = None,
+    yes: YesOpt = False, expert_memory_gb: ExpertMemOpt = None, num_draft_tokens: DraftOpt = 0,
 ):
     """Generate a reply to one prompt and print it as it streams."""
     check_expert_memory(expert_memory_gb)
@@ -202,7 +206,8 @@ def generate(
     mode, effort = chat_mode(thinking, reasoning_effort)
     if prompt_cache_file is not None and prompt_cache_file.suffix != ".safetensors":
         fail(f"--prompt-cache-file {prompt_cache_file} must end in .safetensors", 2)
-    opts = sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, prefill_step_size)
+    opts = sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, prefill_step_size,
+                    num_draft_tokens)
     run_guarded(_generate, prompt, model, system, mode, effort, raw, opts, prompt_cache_file, show_reasoning, verbose,
                 yes, expert_memory_gb)
 
@@ -266,12 +271,13 @@ def chat(
     top_p: TopPOpt = 1.0, top_k: TopKOpt = 0, min_p: MinPOpt = 0.0, repetition_penalty: RepOpt = None,
     seed: SeedOpt = None, stop: StopOpt = None, prefill_step_size: StepOpt = 512,
     show_reasoning: ShowReasoningOpt = True, verbose: VerboseOpt = False, yes: YesOpt = False,
-    expert_memory_gb: ExpertMemOpt = None,
+    expert_memory_gb: ExpertMemOpt = None, num_draft_tokens: DraftOpt = 0,
 ):
     """An interactive chat with history. One message per line; /reset clears the history, /exit ends."""
     check_expert_memory(expert_memory_gb)
     mode, effort = chat_mode(thinking, reasoning_effort)
-    opts = sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, prefill_step_size)
+    opts = sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, prefill_step_size,
+                    num_draft_tokens)
 
     def session():
         from .repl import ChatSession

@@ -188,7 +188,9 @@ def losses(model, tokens: mx.array, vocab: mx.array, other: mx.array, n_other: i
 
 
 def train(out: Path, steps: int, seq_len: int, batch: int, lr: float, seed: int, log_every: int = 10,
-          files_limit: int | None = None, eval_tokens: int = 32768) -> dict:
+          files_limit: int | None = None):
+    """Train, write the official-layout checkpoint and training.json to `out`; returns (the trained
+    model, in memory and exactly as stored; the training record)."""
     from .checkpoint.writer_official import write_official_checkpoint
     from .tokenizer import load_tokenizer
 
@@ -261,7 +263,7 @@ def train(out: Path, steps: int, seq_len: int, batch: int, lr: float, seed: int,
             "train_tokens": int(len(data)), "heldout_tokens": int(len(held)), "train_vocab": int(len(vocab_np)),
             "mlx": mx.__version__, "seconds": round(time.time() - t0, 1), "log": log}
     (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return meta
+    return model, meta
 
 
 def official_weights(model, hf_config: dict) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ from mlx_dsv4.server.engine import DONE
 
 @functools.lru_cache(maxsize=1)
 def tiny():
-    return load("tiny")
+    return load("tiny-random")
 
 
 class RecordingModel:

@@ -34,7 +34,7 @@ def cli(*args, stdin=None, check=True):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load("tiny")
+    return load("tiny-random")
 
 
 def chat_prompt(messages, mode="chat"):
@@ -46,8 +46,8 @@ def chat_prompt(messages, mode="chat"):
 def test_generate_from_argument_and_from_stdin(tiny):
     model, tok = tiny
     expected = generate(model, tok, chat_prompt([{"role": "user", "content": "Hi there"}]), max_tokens=8)
-    assert cli("generate", "--model", "tiny", "-n", "8", "Hi there").stdout == expected + "\n"
-    p = cli("generate", "--model", "tiny", "-n", "8", "--verbose", stdin="Hi there\n")
+    assert cli("generate", "--model", "tiny-random", "-n", "8", "Hi there").stdout == expected + "\n"
+    p = cli("generate", "--model", "tiny-random", "-n", "8", "--verbose", stdin="Hi there\n")
     assert p.stdout == expected + "\n"
     assert "Generation: 8 tokens" in p.stderr and "Peak memory" in p.stderr
 
@@ -55,7 +55,7 @@ def test_generate_from_argument_and_from_stdin(tiny):
 def test_generate_raw_prompt(tiny):
     model, tok = tiny
     ids = [0] + tok.encode("Once upon a time", add_special_tokens=False)
-    assert cli("generate", "-m", "tiny", "--raw", "-n", "6", "Once upon a time").stdout == \
+    assert cli("generate", "-m", "tiny-random", "--raw", "-n", "6", "Once upon a time").stdout == \
         generate(model, tok, ids, max_tokens=6) + "\n"
 
 
@@ -63,21 +63,21 @@ def test_prompt_cache_file_across_runs(tiny, tmp_path):
     model, tok = tiny
     f = str(tmp_path / "sys.safetensors")
     system = "You are a helpful assistant who knows the following document by heart. " * 3
-    base = ["generate", "-m", "tiny", "-n", "6", "--system", system, "--prompt-cache-file", f, "-v"]
+    base = ["generate", "-m", "tiny-random", "-n", "6", "--system", system, "--prompt-cache-file", f, "-v"]
     for q in ("First question?", "Second question?"):  # the first run writes the file, the second reuses it
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": q}]
         p = cli(*base, q)
         assert p.stdout == generate(model, tok, chat_prompt(msgs), max_tokens=6) + "\n"
     n_sys = len(tok.encode(chat_prompt([{"role": "system", "content": system}]), add_special_tokens=False))
     assert f"({n_sys} cached)" in p.stderr
-    p = cli("generate", "-m", "tiny", "-n", "2", "--system", "another", "--prompt-cache-file", f, "q", check=False)
+    p = cli("generate", "-m", "tiny-random", "-n", "2", "--system", "another", "--prompt-cache-file", f, "q", check=False)
     assert p.returncode == 1 and "not a proper prefix" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_chat_session_through_stdin(tiny):
     model, tok = tiny
     script = "Hello\n\nHow are you?\n/reset\nHello\n/exit\nnever read\n"
-    p = cli("chat", "-m", "tiny", "-n", "6", "-v", stdin=script)
+    p = cli("chat", "-m", "tiny-random", "-n", "6", "-v", stdin=script)
     turn1 = [{"role": "user", "content": "Hello"}]
     first = generate(model, tok, chat_prompt(turn1), max_tokens=6)
     # history: the second prompt holds the first exchange; after /reset the first turn comes again
@@ -92,9 +92,9 @@ def test_chat_session_through_stdin(tiny):
 
 def test_chat_thinking_mode_frames_the_reasoning():
     # the tiny model never closes its reasoning: the whole reply is reasoning, framed apart
-    p = cli("chat", "-m", "tiny", "-n", "4", "--thinking", stdin="Hi\n")
+    p = cli("chat", "-m", "tiny-random", "-n", "4", "--thinking", stdin="Hi\n")
     assert p.stdout.startswith("Thinking...\n") and p.stdout.endswith("\n...done thinking.\n")
-    assert cli("chat", "-m", "tiny", "-n", "4", "--thinking", "--hide-reasoning", stdin="Hi\n").stdout == ""
+    assert cli("chat", "-m", "tiny-random", "-n", "4", "--thinking", "--hide-reasoning", stdin="Hi\n").stdout == ""
 
 
 def test_display_keeps_reasoning_apart():
@@ -120,14 +120,14 @@ def test_display_keeps_reasoning_apart():
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (["generate", "-m", "tiny", "--temp", "-1", "x"], 2, "--temperature"),
-    (["generate", "-m", "tiny", "--bogus", "x"], 2, "No such option"),
-    (["generate", "-m", "tiny", "--reasoning-effort", "max", "x"], 2, "--reasoning-effort needs --thinking"),
-    (["generate", "-m", "tiny", "--reasoning-effort", "medium", "x"], 2, "--reasoning-effort"),
-    (["generate", "-m", "tiny", "--prompt-cache-file", "c.bin", "x"], 2, "must end in .safetensors"),
+    (["generate", "-m", "tiny-random", "--temp", "-1", "x"], 2, "--temperature"),
+    (["generate", "-m", "tiny-random", "--bogus", "x"], 2, "No such option"),
+    (["generate", "-m", "tiny-random", "--reasoning-effort", "max", "x"], 2, "--reasoning-effort needs --thinking"),
+    (["generate", "-m", "tiny-random", "--reasoning-effort", "medium", "x"], 2, "--reasoning-effort"),
+    (["generate", "-m", "tiny-random", "--prompt-cache-file", "c.bin", "x"], 2, "must end in .safetensors"),
     (["generate", "-m", "no-such-model", "x"], 1, "error: model 'no-such-model'"),
     (["generate", "-m", "/no/such/dir", "x"], 1, "no such directory"),
-    (["generate", "-m", "tiny", " "], 2, "the prompt is empty"),
+    (["generate", "-m", "tiny-random", " "], 2, "the prompt is empty"),
     (["bench", "--contexts", "1k"], 2, "--contexts must be comma-separated integers"),
     (["convert", "--hf-path", "/no/such/dir", "--mlx-path", "/tmp/x"], 1, "no such directory"),
     (["frobnicate"], 2, "No such command"),

@@ -18,11 +18,11 @@ from mlx_dsv4.checkpoint.errors import CheckpointNotFoundError
 
 
 def test_prompt_option_is_the_positional_prompt():
-    want = _run(["generate", "-m", "tiny", "-n", "5", "Hi there"]).stdout
-    assert _run(["generate", "-m", "tiny", "-n", "5", "--prompt", "Hi there"]).stdout == want
-    assert _run(["generate", "-m", "tiny", "-n", "5", "-p", "Hi there"]).stdout == want
-    assert want != _run(["generate", "-m", "tiny", "-n", "5", "-p", "Hi"]).stdout  # the prompt matters
-    r = _run(["generate", "-m", "tiny", "-p", "Hi", "Hi there"])
+    want = _run(["generate", "-m", "tiny-random", "-n", "5", "Hi there"]).stdout
+    assert _run(["generate", "-m", "tiny-random", "-n", "5", "--prompt", "Hi there"]).stdout == want
+    assert _run(["generate", "-m", "tiny-random", "-n", "5", "-p", "Hi there"]).stdout == want
+    assert want != _run(["generate", "-m", "tiny-random", "-n", "5", "-p", "Hi"]).stdout  # the prompt matters
+    r = _run(["generate", "-m", "tiny-random", "-p", "Hi", "Hi there"])
     assert r.exit_code == 2 and "not both" in r.output
 
 
@@ -39,7 +39,7 @@ def test_stop_from_the_shell_reaches_generation_unescaped(monkeypatch):
 
     monkeypatch.setattr(cli_mod, "_generate", fake_generate)
     # what a shell passes for --stop "\n\n": backslash, n, backslash, n
-    r = CliRunner().invoke(cli_mod.app, ["generate", "-m", "tiny", "--stop", "\\n\\n", "--stop", "end", "x"])
+    r = CliRunner().invoke(cli_mod.app, ["generate", "-m", "tiny-random", "--stop", "\\n\\n", "--stop", "end", "x"])
     assert r.exit_code == 0, r.output
     assert seen["stop"] == ["\n\n", "end"]
 
@@ -50,19 +50,19 @@ def test_stop_ends_the_reply_in_a_real_run(tiny_reply):
     text = tiny_reply
     cut = text[len(text) // 2: len(text) // 2 + 3]
     stop = cut.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    got = cli("generate", "-m", "tiny", "-n", "24", "--raw", "--stop", stop, "Once upon a time").stdout
+    got = cli("generate", "-m", "tiny-random", "-n", "24", "--raw", "--stop", stop, "Once upon a time").stdout
     assert got == text[: text.index(cut)] + "\n"
 
 
 @pytest.fixture(scope="module")
 def tiny_reply():
-    return cli("generate", "-m", "tiny", "-n", "24", "--raw", "Once upon a time").stdout[:-1]
+    return cli("generate", "-m", "tiny-random", "-n", "24", "--raw", "Once upon a time").stdout[:-1]
 
 
 @pytest.mark.parametrize("value, ok", [("0", False), ("-0.1", False), ("1.5", False), ("1", True), ("0.5", True)])
 def test_top_p_help_and_validation_agree(value, ok, monkeypatch):
     monkeypatch.setattr(cli_mod, "_generate", lambda *a: None)
-    r = CliRunner().invoke(cli_mod.app, ["generate", "-m", "tiny", "--top-p", value, "x"])
+    r = CliRunner().invoke(cli_mod.app, ["generate", "-m", "tiny-random", "--top-p", value, "x"])
     assert (r.exit_code == 0) == ok, r.output
     if not ok:
         assert "0 < top_p <= 1" in r.output
@@ -101,7 +101,7 @@ def test_bench_png_without_matplotlib_fails_before_running():
 
 def test_bench_context_shorter_than_a_compression_window():
     """Used to divide by zero after the run (no completed ratio-128 window to measure)."""
-    r = CliRunner().invoke(cli_mod.app, ["bench", "--model", "tiny", "--contexts", "64"])
+    r = CliRunner().invoke(cli_mod.app, ["bench", "--model", "tiny-random", "--contexts", "64"])
     assert r.exit_code == 1 and "at least 128 tokens" in r.output
 
 

@@ -111,8 +111,8 @@ def test_budget_above_all_experts_loads_resident(ckpts, caplog):
 
 
 def test_tiny_has_no_files_to_stream():
-    with pytest.raises(ValueError, match="'tiny' has none"):
-        load("tiny", expert_memory_gb=1)
+    with pytest.raises(ValueError, match="'tiny-random' has none"):
+        load("tiny-random", expert_memory_gb=1)
 
 
 PEAK = """

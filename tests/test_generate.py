@@ -22,7 +22,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load("tiny")
+    return load("tiny-random")
 
 
 def run(model, tok, prompt=PROMPT, **kw):
@@ -110,7 +110,7 @@ def test_prompt_cache_mismatches_are_refused(tiny, tmp_path):
         load_prompt_cache(path, prompt=[ids[0] + 1] + ids[1:])
     with pytest.raises(PromptCacheError, match="not a proper prefix"):
         load_prompt_cache(path, prompt=ids[:5])  # nothing left to feed
-    other, _ = load("tiny", seed=1)
+    other, _ = load("tiny-random", seed=1)
     with pytest.raises(PromptCacheError, match="another model"):
         load_prompt_cache(path, model=other)
     with pytest.raises(PromptCacheError, match="must end in .safetensors"):

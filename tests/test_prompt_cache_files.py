@@ -28,7 +28,7 @@ N = 9  # tokens in the edited files: two ratio-4 windows done, one row pending, 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load("tiny")
+    return load("tiny-random")
 
 
 def _make(model, tmp_path, n=N, step=512, name="c.safetensors"):
@@ -122,7 +122,7 @@ def test_cli_refuses_a_hostile_cache_file_before_running_the_model(tiny, tmp_pat
     model, tok = tiny
     system = "You are terse."
     f = tmp_path / "s.safetensors"
-    base = ["generate", "-m", "tiny", "-n", "2", "--system", system, "--prompt-cache-file", str(f)]
+    base = ["generate", "-m", "tiny-random", "-n", "2", "--system", system, "--prompt-cache-file", str(f)]
     assert cli(*base, "Hi").returncode == 0  # writes the file
     _edit(f, meta=lambda m: m.__setitem__(f"0.{TOKENS_KEY}", json.dumps([-3] + json.loads(m[f"0.{TOKENS_KEY}"])[1:])))
     p = cli(*base, "Hi", check=False)
