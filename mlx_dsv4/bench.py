@@ -19,8 +19,19 @@ import numpy as np
 from .cache_size import cache_bytes, layer_bytes
 
 
+def loaded_blas() -> str:
+    """The BLAS really mapped into this process (LD_PRELOAD can name a library the loader refused)."""
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:
+        return "unknown (no /proc)"
+    # only a system OpenBLAS serves MLX; numpy / scipy map their own private copies
+    libs = sorted({n for line in maps.splitlines() if (n := line.rsplit("/", 1)[-1]).startswith("libopenblas")})
+    return f"OpenBLAS ({', '.join(libs)})" if libs else "MLX bundled reference BLAS"
+
+
 def machine() -> dict:
-    blas = "OpenBLAS (LD_PRELOAD)" if "openblas" in os.environ.get("LD_PRELOAD", "") else "MLX bundled"
+    blas = loaded_blas()
     dev = mx.default_device()
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "device": str(dev), "mlx": mx.__version__}
