@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,9 +27,10 @@ class Perplexity:
     unigram_entropy: float  # of the text's own token frequencies (a yardstick any model must beat)
     mtp_nll: float | None = None  # the MTP block's NLL for token i+2 (None without MTP)
     mtp_stderr: float | None = None
+    per_token: np.ndarray | None = field(default=None, repr=False)  # the NLLs themselves, for paired comparisons
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_token"}
 
 
 def read_text_tokens(tokenizer, path: str | Path, pattern: str = "**/*.py") -> np.ndarray:
@@ -103,7 +104,7 @@ def perplexity(model, tokens, sequence_length: int = 512, num_tokens: int | None
 
     nll, se = stats(main)
     out = Perplexity(tokens=len(main), nll=nll, stderr=se, perplexity=math.exp(nll),
-                     unigram_entropy=unigram_entropy(windows.reshape(-1)))
+                     unigram_entropy=unigram_entropy(windows.reshape(-1)), per_token=main)
     if mtp:
         out.mtp_nll, out.mtp_stderr = stats(np.concatenate(draft).astype(np.float64))
     return out
