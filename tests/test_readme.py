@@ -65,6 +65,17 @@ def rewrite(args: list[str]) -> list[str]:
         if i is not None and not os.path.isdir(os.path.expanduser(args[i])):
             args[i] = os.environ["README_OFFICIAL_CHECKPOINT"]  # a tiny official checkpoint
         args.append("--no-progress")
+    elif cmd == "perplexity":
+        i = _value_index(args, "--model", "-m")
+        if i is not None and not os.path.isdir(os.path.expanduser(args[i])):
+            args[i] = "tiny"
+        i = _value_index(args, "--data")
+        if i is not None and not os.path.exists(os.path.expanduser(args[i])):
+            args[i] = os.environ["README_PYTHON_SOURCE"]  # a small source folder
+        i = _value_index(args, "--num-tokens")
+        args += ["--sequence-length", "64"]
+        if i is not None:
+            args[i] = "256"
     elif cmd == "bench":
         i = _value_index(args, "--contexts")
         if i is not None:
