@@ -161,6 +161,7 @@ def test_bash_block_runs(i, workdir, tiny_once, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("README_OFFICIAL_CHECKPOINT", str(workdir / "official"))
+    monkeypatch.setenv("README_PYTHON_SOURCE", str(ROOT / "mlx_dsv4" / "chat"))
     monkeypatch.delenv("MLX_DSV4_DEBUG", raising=False)
     for f in calls:
         args = f.read_bytes().decode().split("\0")[:-1]
