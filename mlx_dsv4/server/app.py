@@ -93,7 +93,7 @@ class Server:
             log.info("shutting down: running requests get %.0f s to finish", self.shutdown_grace_s)
 
     async def json(self, request: Request) -> dict:
-        raw, size = [], 0
+        raw, size = bytearray(), 0  # one buffer: a 30 MB body is held once, not as chunks and their join
         chunks = request.stream().__aiter__()
         while True:
             try:  # an idle timeout between reads, as nginx's client_body_timeout: a stalled upload ends
@@ -110,14 +110,14 @@ class Server:
             size += len(chunk)  # counted as it arrives: a huge body is refused early
             if size > self.max_body:
                 raise RequestError(f"request body exceeds the limit of {self.max_body} bytes", status=413)
-            raw.append(chunk)
-        data = b"".join(raw) or b"null"
-        del raw  # a 30 MB body is held once, not twice, while it is parsed
-        try:
-            body = json.loads(data, parse_constant=_no_constants)
+            raw += chunk
+        try:  # decoded here, as json.loads would (surrogatepass included), so the bytes go before parsing
+            text = raw.decode(json.detect_encoding(raw), "surrogatepass") if raw else "null"
+            del raw
+            body = json.loads(text, parse_constant=_no_constants)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise RequestError(f"malformed JSON body: {str(e)[:200]}") from None
-        del data
+        del text
         if not isinstance(body, dict):
             raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
         where = surrogate_field(body)
@@ -300,6 +300,13 @@ def uvicorn_server(app, sockets_or_host, port: int | None = None, log_level: str
     srv: Server = app.state.server
 
     class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            for sock in sockets or []:  # uvicorn announces only the sockets it opened itself
+                host, port = sock.getsockname()[:2]
+                log.info("serving %s on http://%s:%d (CTRL+C to quit)", srv.name,
+                         f"[{host}]" if ":" in host else host, port)
+
         async def shutdown(self, sockets=None):
             srv.begin_shutdown()
             await super().shutdown(sockets)
