@@ -22,6 +22,7 @@ import re
 import socket
 import sys
 import time
+from typing import NoReturn
 
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
@@ -41,20 +42,20 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def surrogate_field(body) -> str | None:
-    """The path of the first string (or key) in `body` holding a lone UTF-16 surrogate: JSON lets
-    a body spell one (\\ud800), Python's json reads raw ED A0 80 as one too, and no text encoder
-    or tokenizer accepts it."""
-    todo = [(body, "")]
+def surrogate_field(body: dict) -> tuple[str, str] | None:
+    """(where, top-level field) of the first string or key in `body` holding a lone UTF-16
+    surrogate: JSON lets a body spell one (\\ud800), Python's json reads raw ED A0 80 as one too,
+    and no text encoder or tokenizer accepts it."""
+    todo: list = [(body, "")]
     while todo:
         v, path = todo.pop()
         if isinstance(v, str):
             if not v.isascii() and _SURROGATE.search(v):
-                return path or "the body"
+                return path, re.match(r"[^.\[]*", path)[0]
         elif isinstance(v, dict):
             for k in v:
                 if not k.isascii() and _SURROGATE.search(k):
-                    return f"a key of {path or 'the body'}"
+                    return f"a key of {path or 'the body'}", re.match(r"[^.\[]*", path or k)[0]
             todo += reversed([(x, f"{path}.{k}" if path else k) for k, x in v.items()])
         elif isinstance(v, list):
             todo += reversed([(x, f"{path}[{i}]") for i, x in enumerate(v)])
@@ -100,7 +101,7 @@ class Server:
                 chunk = await asyncio.wait_for(chunks.__anext__(), self.body_timeout_s)
             except StopAsyncIteration:
                 break
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself from 3.11 on
                 raise RequestError(f"the request body stalled: nothing received for {self.body_timeout_s:g} s "
                                    f"after {size} bytes", status=408) from None
             except ClientDisconnect:
@@ -120,10 +121,10 @@ class Server:
         del text
         if not isinstance(body, dict):
             raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
-        where = surrogate_field(body)
-        if where is not None:
-            raise RequestError(f"{where}: a lone UTF-16 surrogate (\\ud800-\\udfff) is not text; send valid "
-                               "Unicode", param=where.split(".")[0].split("[")[0])
+        bad = surrogate_field(body)
+        if bad is not None:
+            raise RequestError(f"{bad[0]}: a lone UTF-16 surrogate (\\ud800-\\udfff) is not text; send valid "
+                               "Unicode", param=bad[1])
         if body.get("model") is not None and not isinstance(body["model"], str):
             raise RequestError("model must be a string", param="model")
         return body
@@ -162,7 +163,7 @@ class Server:
             self.context_error(len(ids), field)
         return ids
 
-    def context_error(self, n: int, field: str, qualifier: str = ""):
+    def context_error(self, n: int, field: str, qualifier: str = "") -> NoReturn:
         raise RequestError(f"{field}: the prompt has {qualifier}{n} tokens; the context limit is {self.max_context} "
                            "(prompt plus at least one generated token)", param=field)
 
@@ -292,7 +293,7 @@ def create_app(model, tokenizer, *, model_name: str = "deepseek-v4", api_key: st
     return app
 
 
-def uvicorn_server(app, sockets_or_host, port: int | None = None, log_level: str = "info"):
+def uvicorn_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "info"):
     """uvicorn.Server for `app` that tells the app when shutdown begins (uvicorn otherwise waits
     for every open stream to end before its lifespan hears of it)."""
     import uvicorn
@@ -311,9 +312,8 @@ def uvicorn_server(app, sockets_or_host, port: int | None = None, log_level: str
             srv.begin_shutdown()
             await super().shutdown(sockets)
 
-    host = sockets_or_host if isinstance(sockets_or_host, str) else "127.0.0.1"
     # uvicorn's own deadline is a backstop: the app ends its streams after shutdown_grace_s
-    return _Server(uvicorn.Config(app, host=host, port=port or 0, log_level=log_level,
+    return _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                   timeout_graceful_shutdown=srv.shutdown_grace_s + 5))
 
 
