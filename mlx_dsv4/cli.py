@@ -342,10 +342,22 @@ def serve(
     prefix_cache_gb: Annotated[float, typer.Option("--prefix-cache-gb", min=0.0,
                                                    help="memory the kept prompt caches may use")] = 4.0,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level")] = "info",
-    expert_memory_gb: ExpertMemOpt = None,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.1,
+                                                help="seconds a request body may stall before a 408")] = 60.0,
+    shutdown_grace: Annotated[float, typer.Option("--shutdown-grace", min=0.0,
+                                                  help="seconds running requests get to finish on SIGTERM")] = 10.0,
+    special_in_text: Annotated[bool, typer.Option(
+        "--special-in-text", help="UNSAFE: read control tokens (<｜User｜>, </think>, EOS, DSML) inside request "
+        "text too, as before; a request, or a web page quoted in it, can then fake turns and tool calls")] = False,
+    expert_memory_gb: ExpertMemOpt = None, num_draft_tokens: DraftOpt = 0,
 ):
     """OpenAI- and Anthropic-compatible HTTP server."""
     check_expert_memory(expert_memory_gb)
+    if api_key is None and "MLX_DSV4_API_KEY" in os.environ:  # click reads an empty variable as unset
+        api_key = os.environ["MLX_DSV4_API_KEY"]
+    if api_key is not None and not api_key.strip():
+        fail("--api-key (or MLX_DSV4_API_KEY) is empty: give a non-empty key, or leave it out to serve without one",
+             2)
 
     def run():
         try:
@@ -354,8 +366,9 @@ def serve(
             fail(f"the server is not available in this installation ({e})")
         do_serve(model, host, port, api_key, max_tokens_limit=max_tokens_limit, max_context=max_context,
                  default_thinking=thinking, prefix_cache_entries=prefix_cache_entries,
-                 prefix_cache_bytes=int(prefix_cache_gb * 2**30), log_level=log_level,
-                 expert_memory_gb=expert_memory_gb)
+                 prefix_cache_bytes=int(prefix_cache_gb * 2**30), log_level=log_level, body_timeout_s=body_timeout,
+                 shutdown_grace_s=shutdown_grace, special_in_text=special_in_text, expert_memory_gb=expert_memory_gb,
+                 num_draft_tokens=num_draft_tokens)
 
     run_guarded(run)
 

@@ -246,3 +246,34 @@ def test_stats_bookkeeping():
     s.record(2, 2, 3)
     assert s.proposed == [3, 3, 2] and s.accepted == [2, 2, 0]
     assert s.acceptance == [2 / 3, 2 / 3, 0.0] and s.mean_accepted_length == 7 / 3
+
+
+def test_server_drafts_and_answers_as_plain_greedy(caplog):
+    """serve --num-draft-tokens: the same greedy reply as a cold plain run (the prefix cache is in
+    play from the second request on), drafting reported in the request log."""
+    import logging
+
+    import openai
+    from server_util import oracle, prompt_ids, start
+
+    msgs = [{"role": "user", "content": "Write a short poem about the sea."}]
+    want, _ = oracle(prompt_ids(msgs), 10)
+    with caplog.at_level(logging.INFO, logger="mlx_dsv4.server"), start(num_draft_tokens=2) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x")
+        for _ in range(2):
+            r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
+            assert r.choices[0].message.content == want
+    assert "tokens per verify" in caplog.text
+
+
+def test_server_refuses_drafts_without_mtp():
+    from mlx_dsv4.server.engine import Engine
+    from server_util import tiny
+
+    model, tok = tiny()
+    saved, model.mtp = model.mtp, []
+    try:
+        with pytest.raises(ValueError, match="MTP layer"):
+            Engine(model, tok, num_draft_tokens=2)
+    finally:
+        model.mtp = saved

@@ -4,6 +4,11 @@ Reproduces DeepSeek's official encoder byte for byte (checked against golden vec
 Three reasoning modes: "chat" (the answer starts after `<｜Assistant｜></think>`), "thinking"
 (after `<｜Assistant｜><think>`), and "thinking" with reasoning_effort "max" (a fixed paragraph
 right after BOS). Tool calls use the DSML block; tool results fold into the next user turn.
+
+`encode_segments` returns the same prompt as (text, is_template) segments: the template's own
+pieces, whose marker strings are control tokens, and the request's text (message contents, tool
+names, arguments, schemas), which a tokenizer must read as plain text (tokenizer.PromptTokenizer),
+so that a fetched web page cannot fake a turn, an EOS or a tool call.
 """
 
 from __future__ import annotations
@@ -73,8 +78,20 @@ def _dumps(v) -> str:
     return json.dumps(v, ensure_ascii=False)
 
 
+Segment = tuple[str, bool]  # (text, is_template)
+_HEAD, _TAIL = TOOLS_TEMPLATE.split("{schemas}")
+
+
+def _join(segments: list[Segment]) -> str:
+    return "".join(text for text, _ in segments)
+
+
 def render_tools(tools: list, where: str = "tools") -> str:
     """The "## Tools" block: the fixed instructions plus one JSON schema (the function object) a line."""
+    return _join(_tools_segments(tools, where))
+
+
+def _tools_segments(tools: list, where: str = "tools") -> list[Segment]:
     if not isinstance(tools, list):
         raise ValueError(f"{where} must be a list, got {type(tools).__name__}")
     schemas = []
@@ -83,7 +100,7 @@ def render_tools(tools: list, where: str = "tools") -> str:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise ValueError(f"{where}[{i}] must be a function schema with a 'name', got {t!r}")
         schemas.append(_dumps(fn))
-    return TOOLS_TEMPLATE.replace("{schemas}", "\n".join(schemas))
+    return [(_HEAD, True), ("\n".join(schemas), False), (_TAIL, True)]
 
 
 def _call_arguments(raw, where: str) -> dict:
@@ -103,9 +120,13 @@ def _call_arguments(raw, where: str) -> dict:
 
 def render_tool_calls(tool_calls: list, where: str = "tool_calls") -> str:
     """The DSML block an assistant turn writes for its calls (from "\\n\\n<｜DSML｜tool_calls>" on)."""
+    return _join(_tool_calls_segments(tool_calls, where))
+
+
+def _tool_calls_segments(tool_calls: list, where: str = "tool_calls") -> list[Segment]:
     if not isinstance(tool_calls, list):
         raise ValueError(f"{where} must be a list, got {type(tool_calls).__name__}")
-    invokes = []
+    out: list[Segment] = [(TOOL_CALLS_START, True)]
     for i, call in enumerate(tool_calls):
         w = f"{where}[{i}]"
         fn = call.get("function") if isinstance(call, dict) else None
@@ -114,13 +135,16 @@ def render_tool_calls(tool_calls: list, where: str = "tool_calls") -> str:
                              f"{{'name': str, 'arguments': JSON str}}}}, got {call!r}")
         if call.get("type", "function") != "function":
             raise ValueError(f"{w}: unsupported tool call type {call['type']!r}")
-        params = []
-        for k, v in _call_arguments(fn.get("arguments", "{}"), w).items():
+        if i:
+            out.append(("\n", True))
+        out += [(f'<{DSML}invoke name="', True), (fn["name"], False), ('">\n', True)]
+        for j, (k, v) in enumerate(_call_arguments(fn.get("arguments", "{}"), w).items()):
             kind, text = ("true", v) if isinstance(v, str) else ("false", _dumps(v))
-            params.append(f'<{DSML}parameter name="{k}" string="{kind}">{text}</{DSML}parameter>')
+            out += [("\n" if j else "", True), (f'<{DSML}parameter name="', True), (str(k), False),
+                    (f'" string="{kind}">', True), (text, False), (f"</{DSML}parameter>", True)]
         # A call without arguments still gets its (empty) parameter line.
-        invokes.append(f'<{DSML}invoke name="{fn["name"]}">\n' + "\n".join(params) + f"\n</{DSML}invoke>")
-    return TOOL_CALLS_START + "\n".join(invokes) + TOOL_CALLS_END
+        out.append((f"\n</{DSML}invoke>", True))
+    return out + [(TOOL_CALLS_END, True)]
 
 
 def _text(content, where: str) -> str:
@@ -189,9 +213,10 @@ def _turns(messages: list[dict]) -> list[dict]:
             turns.append(turn)
         text = _text(m.get("content"), f"messages[{i}]")
         if role == "tool":
-            turn["parts"].append(("result", m.get("tool_call_id"), f"<tool_result>{text}</tool_result>"))
+            turn["parts"].append(("result", m.get("tool_call_id"),
+                                  [("<tool_result>", True), (text, False), ("</tool_result>", True)]))
         else:
-            turn["parts"].append(("text", None, text))
+            turn["parts"].append(("text", None, [(text, False)]))
             turn["task"] = m.get("task") or turn["task"]
         turn["last"] = i
     for t in turns:
@@ -199,7 +224,8 @@ def _turns(messages: list[dict]) -> list[dict]:
             rank = {cid: k for k, cid in enumerate(t.pop("order"))}
             results = sorted((p for p in t["parts"] if p[0] == "result"), key=lambda p: rank.get(p[1], len(rank)))
             it = iter(results)  # results take the slots results held, in call order
-            t["text"] = "\n\n".join(next(it)[2] if p[0] == "result" else p[2] for p in t["parts"])
+            t["segments"] = [seg for k, p in enumerate(t["parts"])
+                             for seg in [("\n\n", True)] * (k > 0) + (next(it)[2] if p[0] == "result" else p[2])]
     return turns
 
 
@@ -212,6 +238,14 @@ def encode_messages(messages: list[dict], thinking_mode: str = "chat", reasoning
     rendering (tool-call order, which turn is the last user turn) but are not emitted again, and
     no BOS is added. A message may not continue a turn that started in the context.
     """
+    return _join(encode_segments(messages, thinking_mode, reasoning_effort, drop_thinking, context,
+                                 add_default_bos_token))
+
+
+def encode_segments(messages: list[dict], thinking_mode: str = "chat", reasoning_effort: str | None = None,
+                    drop_thinking: bool = True, context: list[dict] | None = None,
+                    add_default_bos_token: bool = True) -> list[Segment]:
+    """encode_messages' prompt as (text, is_template) segments, in order; their texts join to it."""
     if thinking_mode not in THINKING_MODES:
         raise ValueError(f"thinking_mode must be one of {THINKING_MODES}, got {thinking_mode!r}")
     if reasoning_effort not in REASONING_EFFORTS:
@@ -235,46 +269,46 @@ def encode_messages(messages: list[dict], thinking_mode: str = "chat", reasoning
         turns = [t for k, t in enumerate(turns) if t["role"] != "developer" or k >= last_user]
         last_user = max((k for k, t in enumerate(turns) if t["role"] in ("user", "developer")), default=-1)
 
-    out = []
+    out: list[Segment] = []
     if not context:
-        out.append(BOS if add_default_bos_token else "")
+        out.append((BOS if add_default_bos_token else "", True))
         if thinking and reasoning_effort == "max":
-            out.append(MAX_EFFORT_PREFIX)
+            out.append((MAX_EFFORT_PREFIX, True))
     for k, t in enumerate(turns):
         role, m = t["role"], t.get("msg", {})
         if role == "system":
-            text = _text(m.get("content"), "system")
+            segs = [(_text(m.get("content"), "system"), False)]
         elif role == "user":
-            text = USER + t["text"]
+            segs = [(USER, True)] + t["segments"]
         elif role == "developer":
-            text = USER + _text(m.get("content"), "developer")
+            segs = [(USER, True), (_text(m.get("content"), "developer"), False)]
         elif role == "latest_reminder":
-            text = LATEST_REMINDER + _text(m.get("content"), "latest_reminder")
+            segs = [(LATEST_REMINDER, True), (_text(m.get("content"), "latest_reminder"), False)]
         else:  # assistant; its <think> (if any) was written by the turn before
-            text = ""
+            segs = []
             if thinking and (not drop or k > last_user):
-                text += (m.get("reasoning_content") or "") + THINK_END
-            text += _text(m.get("content"), "assistant")
+                segs += [(m.get("reasoning_content") or "", False), (THINK_END, True)]
+            segs.append((_text(m.get("content"), "assistant"), False))
             if m.get("tool_calls"):
-                text += render_tool_calls(m["tool_calls"])
-            text += EOS
+                segs += _tool_calls_segments(m["tool_calls"])
+            segs.append((EOS, True))
             if m.get("task") == "title":
-                text += TASK_TOKENS["title"]
+                segs.append((TASK_TOKENS["title"], True))
         if role in ("system", "developer"):
             if m.get("tools"):
-                text += "\n\n" + render_tools(m["tools"])
+                segs += [("\n\n", True)] + _tools_segments(m["tools"])
             if m.get("response_format") is not None:
-                text += "\n\n" + RESPONSE_FORMAT_TEMPLATE + _dumps(m["response_format"])
+                segs += [("\n\n" + RESPONSE_FORMAT_TEMPLATE, True), (_dumps(m["response_format"]), False)]
         if role in ("user", "developer"):
             task = t.get("task") if role == "user" else None
             nxt = turns[k + 1]["role"] if k + 1 < len(turns) else None
             if task in TASK_TOKENS and task != "action":
-                text += TASK_TOKENS[task]  # the classifier answers right after its token
+                segs.append((TASK_TOKENS[task], True))  # the classifier answers right after its token
             elif nxt in (None, "assistant", "latest_reminder"):
                 opens = thinking and (not drop or k >= last_user)
-                text += ASSISTANT + (THINK_START if opens else THINK_END)
+                segs.append((ASSISTANT + (THINK_START if opens else THINK_END), True))
                 if task == "action":
-                    text += TASK_TOKENS["action"]
+                    segs.append((TASK_TOKENS["action"], True))
         if t["first"] >= n_ctx:
-            out.append(text)
-    return "".join(out)
+            out += segs
+    return [seg for seg in out if seg[0]]

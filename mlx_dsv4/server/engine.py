@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from ..generate import stream_generate
 
@@ -82,12 +83,26 @@ class PrefixCache:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, prefix_cache: PrefixCache | None = None, prefill_step: int = 512):
-        # Lazy weights are graphs bound to the loading thread's stream: materialise them there.
-        mx.eval(model.parameters())
+    def __init__(self, model, tokenizer, prefix_cache: PrefixCache | None = None, prefill_step: int = 512,
+                 progress: Callable[[int, int], None] | None = None, num_draft_tokens: int = 0):
+        if num_draft_tokens and not model.mtp:
+            raise ValueError("--num-draft-tokens needs an MTP layer, and this checkpoint has none")
+        # Lazy weights are graphs bound to the loading thread's stream: materialise them there,
+        # about a GiB at a time so that progress(done_bytes, total_bytes) can follow.
+        weights = [v for _, v in tree_flatten(model.parameters())]
+        total, done, evaluated, start = sum(v.nbytes for v in weights), 0, 0, 0
+        for k, v in enumerate(weights):
+            done += v.nbytes
+            if done - evaluated >= 1 << 30 or k == len(weights) - 1:
+                mx.eval(weights[start : k + 1])
+                start, evaluated = k + 1, done
+                if progress is not None:
+                    progress(done, total)
         self.model, self.tokenizer = model, tokenizer
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache()
         self.prefill_step = prefill_step
+        # every request drafts with the MTP layer: greedy output is unchanged, sampling keeps its law
+        self.num_draft_tokens = num_draft_tokens
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="mlx-dsv4-engine", daemon=True)
         self.thread.start()
@@ -122,6 +137,9 @@ class Engine:
 
     def _generate(self, job: Job) -> None:
         toks = job.tokens
+        vocab = self.model.args.vocab_size
+        if toks and (min(toks) < 0 or max(toks) >= vocab):  # an id past the embedding table crashes the process
+            raise ValueError(f"prompt token ids outside the model's vocabulary [0, {vocab})")
         n, cache = self.prefix.lookup(toks)
         job.cached = n
         cache = cache or self.model.make_cache()
@@ -136,7 +154,8 @@ class Engine:
             self.prefix.store(toks, cache)
         generated = []
         for r in stream_generate(self.model, self.tokenizer, toks, prompt_cache=cache,
-                                 should_stop=job.cancelled.is_set, **job.params):
+                                 should_stop=job.cancelled.is_set, num_draft_tokens=self.num_draft_tokens,
+                                 **job.params):
             if r.token is not None:
                 generated.append(r.token)
             r.cached_tokens = n  # from an earlier request's snapshot, not this request's own prefill

@@ -9,12 +9,12 @@ is continued by the reply.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from ..chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallStart
 from .errors import RequestError, sse_error
@@ -232,17 +232,19 @@ def add_routes(app: FastAPI, srv) -> None:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
+        for k, ok in (("echo", (None, False)), ("suffix", (None, "")), ("best_of", (None, 1))):
+            v = body.get(k)  # `is`, not ==: True == 1, and echo=true would otherwise pass unnoticed
+            if not any(v is x or (type(v) is type(x) and v == x) for x in ok):
+                raise RequestError(f"{k} is not supported (only {' or '.join(json.dumps(x) for x in ok[1:])})",
+                                   param=k)
         if isinstance(prompt, str):
-            ids = [0] + await run_in_threadpool(srv.tokenizer.encode, prompt, add_special_tokens=False)  # 0 = BOS
+            ids = await srv.encode_text(prompt)
         elif (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                             and 0 <= t < srv.vocab_size for t in prompt)):
             ids = list(prompt)
         else:
             raise RequestError(f"prompt must be a string or a non-empty array of token ids in [0, {srv.vocab_size})",
                                param="prompt")
-        for k in ("echo", "suffix", "best_of"):
-            if body.get(k) not in (None, False, 1, ""):
-                raise RequestError(f"{k} is not supported", param=k)
         params = sampling(body, max_keys=("max_tokens",), limit=srv.max_tokens_limit,
                           default_max=min(16, srv.max_tokens_limit), default_temperature=srv.default_temperature)
         if get(body, "n", int, 1) != 1:
@@ -250,7 +252,7 @@ def add_routes(app: FastAPI, srv) -> None:
         n_lp = in_range("logprobs", get(body, "logprobs", int), 0, 5)
         if n_lp is not None:
             params["num_top_logprobs"] = n_lp
-        params = srv.budget(params, srv.check_context(ids))
+        params = srv.budget(params, srv.check_context(ids, "prompt"))
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         comp = Completion(srv.tokenizer, "chat", params["stop"], parse=False)
         lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
