@@ -151,29 +151,80 @@ def stream_generate(model, tokenizer, prompt: str | list[int] | mx.array, *, max
                    prefill_step_size, num_top_logprobs, progress_callback, should_stop, draft)
 
 
+PIPELINE = True  # PlainDecoder's default: submit the next step before reading the current token
+
+
 class PlainDecoder:
-    """One token per round from the trunk alone: the same interface as Speculator."""
+    """One token per round from the trunk alone: the same interface as Speculator.
 
-    def __init__(self, model, cache: list, sampler: Callable, processors: list[Callable], history: mx.array | None):
+    ahead=True pipelines decoding (as mlx-lm does with mx.async_eval): the step that feeds token n is
+    built and submitted before token n is read back, so the host builds step n + 1's graph while
+    step n computes instead of after it. A stream that stops early has then fed one token too many:
+    close() rolls every layer cache back by that step (LayerCache.rollback), so the cache contract
+    holds. ahead=False is the previous loop (build, evaluate, read, then build the next step)."""
+
+    def __init__(self, model, cache: list, sampler: Callable, processors: list[Callable], history: mx.array | None,
+                 ahead: bool | None = None):
         self.model, self.cache, self.sampler, self.processors, self.history = model, cache, sampler, processors, history
+        self.ahead = PIPELINE if ahead is None else ahead
         self.stats = None
+        self._next = None  # (token, logprobs, cache checkpoints) of the step submitted ahead
 
-    def next_round(self, last: int, budget: int) -> list[Emitted]:
-        logits = self.model(mx.array([[last]]), cache=self.cache, last_only=True)[:, -1, :]
+    def build(self, fed: mx.array) -> tuple[mx.array, mx.array]:
+        """The graph of the step feeding `fed` [1, 1] (lazy or not): (token [1], logprobs [V]).
+        Nothing in it may synchronise (tests/test_decode_pipeline.py checks): that would stall the pipeline."""
+        logits = self.model(fed, cache=self.cache, last_only=True)[:, -1, :]
         for p in self.processors:
             logits = p(self.history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        y = self.sampler(logprobs)
+        return self.sampler(logprobs), logprobs[0]
+
+    def _step(self, fed: mx.array) -> tuple[mx.array, mx.array]:
+        """Build and submit the step feeding `fed`; nothing is read back."""
+        y, lp = self.build(fed)
         # the cache too: states not read by this token's logits would otherwise stay lazy for
         # up to `ratio` steps, holding every intermediate activation alive
-        mx.eval(y, logprobs, [c.state for c in self.cache])
+        (mx.async_eval if self.ahead else mx.eval)(y, lp, [c.state for c in self.cache])
+        return y, lp
+
+    def next_round(self, last: int, budget: int) -> list[Emitted]:
+        if self._next is None:
+            y, lp = self._step(mx.array([[last]]))
+        else:  # submitted last round, feeding the (then unread) token `last`
+            y, lp, _ = self._next
+            self._next = None
+        if self.ahead and budget > 1:  # the next step goes in before this token is read
+            ck = [c.checkpoint() for c in self.cache]
+            if self.history is not None:
+                self.history = mx.concatenate([self.history, y.reshape(1).astype(self.history.dtype)])
+            self._next = (*self._step(y.reshape(1, 1)), ck)
         self._y = y
-        return [Emitted(y.item(), logprobs[0], False)]
+        return [Emitted(y.item(), lp, False)]
 
     def commit(self, used: int) -> None:
-        if self.history is not None:
+        if self.history is not None and self._next is None:  # a step fed ahead has appended it already
             self.history = mx.concatenate([self.history, self._y.reshape(1).astype(self.history.dtype)])
 
+    def close(self) -> None:
+        """End of stream: drop the step fed ahead, if any (its token was never emitted)."""
+        if self._next is not None:
+            *_, ck = self._next
+            self._next = None
+            for c, s in zip(self.cache, ck):
+                c.rollback(s, 0)
+            mx.eval([c.state for c in self.cache])
+
+
+# Read-backs (the sampled token's log-probability, the top ones) run on their own stream: on the
+# decode stream they would queue behind the step submitted ahead and wait for it.
+_readout = None
+
+
+def _readout_stream():
+    global _readout
+    if _readout is None:
+        _readout = mx.new_stream(mx.cpu)
+    return _readout
 
 
 def _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processors, stop, prefill_step_size,
@@ -217,13 +268,14 @@ def _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processor
                 e = emitted[used]
                 used += 1
                 token = e.token
-                lp = e.logprobs[token].item()
-                if num_top_logprobs:
-                    kk = min(num_top_logprobs, vocab)
-                    idx = mx.argpartition(-e.logprobs, kk - 1)[:kk]
-                    vals = e.logprobs[idx]
-                    order = mx.argsort(-vals)
-                    top = list(zip(idx[order].tolist(), vals[order].tolist()))
+                with mx.stream(_readout_stream()):
+                    lp = e.logprobs[token].item()
+                    if num_top_logprobs:
+                        kk = min(num_top_logprobs, vocab)
+                        idx = mx.argpartition(-e.logprobs, kk - 1)[:kk]
+                        vals = e.logprobs[idx]
+                        order = mx.argsort(-vals)
+                        top = list(zip(idx[order].tolist(), vals[order].tolist()))
                 if n == 0:
                     prompt_tps = len(todo) / (time.perf_counter() - tic)
                     gen_tic = time.perf_counter()
@@ -258,6 +310,8 @@ def _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processor
     finally:  # however the stream ends, the cache keeps exactly the tokens emitted (but the last)
         if emitted:
             source.commit(max(used, 1))
+        if isinstance(source, PlainDecoder):
+            source.close()
 
 
 def _expert_stats(model) -> dict | None:

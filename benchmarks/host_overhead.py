@@ -1,0 +1,149 @@
+"""Host time per decode step, and what pipelining (building step n + 1 while step n computes) buys.
+
+    python benchmarks/host_overhead.py [--contexts 512 2048] [--steps 8] [--rounds 3]
+
+Model: the bench model (mlx_dsv4.tiny.bench_hf_config: V4-Flash's 43-layer schedule, 2 sliding +
+21 CSA + 20 HCA layers in Flash's order, 3 hash-routed layers, Flash's head and indexer geometry, at
+small widths) with the trained-format simulation on, as users run it; float32 on the CPU.
+
+Per decode step it reports
+- host ms: building the step's graph in Python (model call + log-softmax + sampler), nothing evaluated;
+- eval ms: mx.eval of that graph (the CPU's compute, plus MLX's own scheduling);
+- wall ms per token of the previous loop (PlainDecoder(ahead=False): build, evaluate, read, repeat)
+  and of the pipelined one (ahead=True), in alternating rounds from the same prefilled cache, so a
+  machine shared with other work slows both alike; the ratio is per round, then the median;
+- host ms with kernel dispatch (what a Mac builds): each kernel call is a stand-in (one node), as in
+  benchmarks/launch_count.py, since Metal kernels cannot run here; graph nodes counted both ways.
+Both loops must emit the same tokens: the script checks it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from launch_count import VIEWS, _count, kernels_counted  # noqa: E402
+
+from mlx_dsv4.bench import load_bench_model, loaded_blas, machine  # noqa: E402
+from mlx_dsv4.generate import PlainDecoder  # noqa: E402
+
+
+def greedy(logprobs):
+    return mx.argmax(logprobs, axis=-1)
+
+
+def snapshot(cache):
+    return [c.copy() for c in cache]
+
+
+def build(model, cache, tok):
+    """One decode step's graph, as PlainDecoder builds it (no processors, greedy)."""
+    logits = model(tok, cache=cache, last_only=True)[:, -1, :]
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return greedy(logprobs), logprobs[0]
+
+
+def split_times(model, cache, first: int, steps: int) -> tuple[list[float], list[float], list[int]]:
+    """(host ms, eval ms, tokens) per step, synchronously: build, then evaluate."""
+    host, ev, toks, tok = [], [], [], mx.array([[first]])
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        y, lp = build(model, cache, tok)
+        t1 = time.perf_counter()
+        mx.eval(y, lp, [c.state for c in cache])
+        t2 = time.perf_counter()
+        host.append(1e3 * (t1 - t0))
+        ev.append(1e3 * (t2 - t1))
+        toks.append(y.item())
+        tok = mx.array([[toks[-1]]])
+    return host, ev, toks
+
+
+def decode(model, cache, first: int, steps: int, ahead: bool) -> tuple[float, list[int]]:
+    """Wall ms per token and the tokens, through the generation loop's own decoder."""
+    dec = PlainDecoder(model, cache, greedy, [], None, ahead=ahead)
+    last, toks = first, []
+    t0 = time.perf_counter()
+    for n in range(steps):
+        (e,) = dec.next_round(last, steps - n)
+        dec.commit(1)
+        last = e.token
+        toks.append(last)
+    dec.close()
+    return 1e3 * (time.perf_counter() - t0) / steps, toks
+
+
+def kernel_host(model, cache, first: int, steps: int) -> tuple[list[float], int, int]:
+    """Host ms per step with kernel dispatch (stand-ins), and graph nodes (non-view) with / without."""
+    ref = _nodes(build(model, snapshot(cache), mx.array([[first]])))
+    host = []
+    with kernels_counted():
+        c = snapshot(cache)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            out = build(model, c, mx.array([[first]]))
+            host.append(1e3 * (time.perf_counter() - t0))
+            mx.eval(out, [x.state for x in c])  # stand-ins evaluate to zeros: only the host time matters
+        ker = _nodes(build(model, snapshot(cache), mx.array([[first]])))
+    return host, ref, ker
+
+
+def _nodes(outs) -> int:
+    return sum(v for k, v in _count(list(outs)).items() if k not in VIEWS)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--steps", type=int, default=8, help="decode steps per loop per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating old / pipelined rounds per context")
+    a = p.parse_args(argv)
+    model = load_bench_model("bench", mx.float32, simulate_qat=True)
+    print(f"machine: {machine()}")
+    print(f"BLAS really loaded: {loaded_blas()}")
+    print(f"bench model (Flash schedule, {model.args.n_layers} layers), float32, trained-format simulation on; "
+          f"{a.steps} steps x {a.rounds} alternating rounds per loop")
+    rows = []
+    for ctx in a.contexts:
+        toks = np.random.default_rng(0).integers(0, model.args.vocab_size, (1, ctx)).astype(np.int32)
+        cache = model.make_cache()
+        for s in range(0, ctx, 512):
+            y = model(mx.array(toks[:, s : s + 512]), cache, last_only=True)
+            mx.eval(y, [c.state for c in cache])
+        first = int(mx.argmax(y[0, -1]).item())
+        split_times(model, snapshot(cache), first, 2)  # warm-up (allocations, compiled pieces)
+        host, ev, ref_toks = split_times(model, snapshot(cache), first, a.steps)
+        old, new, same = [], [], True
+        for _ in range(a.rounds):
+            ms_old, t_old = decode(model, snapshot(cache), first, a.steps, ahead=False)
+            ms_new, t_new = decode(model, snapshot(cache), first, a.steps, ahead=True)
+            old.append(ms_old)
+            new.append(ms_new)
+            same &= t_old == t_new == ref_toks
+        khost, nref, nker = kernel_host(model, cache, first, a.steps)
+        r = dict(ctx=ctx, host=statistics.median(host), eval=statistics.median(ev), old=statistics.median(old),
+                 new=statistics.median(new), speedup=statistics.median(o / n for o, n in zip(old, new)),
+                 khost=statistics.median(khost), nref=nref, nker=nker, same=same)
+        rows.append(r)
+        print(f"context {ctx}: host {r['host']:.1f} ms, eval {r['eval']:.1f} ms; wall per token: previous loop "
+              f"{[round(x, 1) for x in old]}, pipelined {[round(x, 1) for x in new]}; same tokens: {same}", flush=True)
+    print("\n| context | host build ms (reference) | host build ms (kernel dispatch) | graph nodes ref / kernels "
+          "| eval ms | wall ms/token, previous loop | wall ms/token, pipelined | speed-up (median of rounds) "
+          "| same tokens |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['ctx']:,} | {r['host']:.1f} | {r['khost']:.1f} | {r['nref']} / {r['nker']} | {r['eval']:.1f} | "
+              f"{r['old']:.1f} | {r['new']:.1f} | {r['speedup']:.2f}x | {r['same']} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
