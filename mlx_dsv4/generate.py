@@ -9,6 +9,7 @@ knows the tokens can keep using the cache.
 from __future__ import annotations
 
 import numbers
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -216,15 +217,15 @@ class PlainDecoder:
 
 
 # Read-backs (the sampled token's log-probability, the top ones) run on their own stream: on the
-# decode stream they would queue behind the step submitted ahead and wait for it.
-_readout = None
+# decode stream they would queue behind the step submitted ahead and wait for it. One per thread:
+# MLX streams belong to the thread that made them (the server decodes on its own thread).
+_readout = threading.local()
 
 
 def _readout_stream():
-    global _readout
-    if _readout is None:
-        _readout = mx.new_stream(mx.cpu)
-    return _readout
+    if not hasattr(_readout, "stream"):
+        _readout.stream = mx.new_stream(mx.cpu)
+    return _readout.stream
 
 
 def _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processors, stop, prefill_step_size,
