@@ -39,9 +39,11 @@ def heldout_tokens(tok) -> np.ndarray:
 
 
 def third_party_tokens(tok) -> tuple[np.ndarray, str]:
+    import importlib.metadata
+
     import click
 
-    return read_text_tokens(tok, Path(click.__file__).parent), f"click {click.__version__}"
+    return read_text_tokens(tok, Path(click.__file__).parent), f"click {importlib.metadata.version('click')}"
 
 
 def dir_bytes(p: Path) -> int:
