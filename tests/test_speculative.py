@@ -92,7 +92,8 @@ def assert_caches_equal(a, b, tol):
 
 
 @pytest.mark.parametrize("kind,sim,k", [("flash", True, 1), ("flash", True, 2), ("flash", False, 3),
-                                        ("flash", True, 4), ("pro", False, 2), ("pro", True, 3)])
+                                        ("flash", True, 4), ("pro", False, 1), ("pro", False, 2),
+                                        ("pro", True, 3), ("pro", True, 4)])
 def test_greedy_tokens_and_caches_equal_plain_decoding(models, tok, monkeypatch, kind, sim, k):
     model = models[(kind, sim)]
     ref, ref_cache = plain(model, tok)
