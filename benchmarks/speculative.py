@@ -53,11 +53,11 @@ def prompts(tok, n: int = 4, length: int = 96) -> list[list[int]]:
 
 def acceptance(ks, tokens: int) -> dict:
     model, tok = load("tiny")
-    res = {}
-    plain = [[r.token for r in stream_generate(model, tok, p, max_tokens=tokens)] for p in prompts(tok)]
+    res, ps = {}, prompts(tok)
+    plain = [[r.token for r in stream_generate(model, tok, p, max_tokens=tokens)] for p in ps]
     for k in ks:
         prop, acc, verifies, emitted, same = np.zeros(k), np.zeros(k), 0, 0, True
-        for p, ref in zip(prompts(tok), plain):
+        for p, ref in zip(ps, plain):
             rs = list(stream_generate(model, tok, p, max_tokens=tokens, num_draft_tokens=k))
             same &= [r.token for r in rs] == ref
             st = rs[-1]

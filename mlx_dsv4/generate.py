@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .prompt_cache import load_prompt_cache, save_prompt_cache  # noqa: F401  (re-exported)
-from .speculative import Distribution, Emitted, Speculator, prefill_with_streams
+from .speculative import Distribution, Emitted, Speculator, prefill_with_streams, processed_logprobs
 from .text_stream import Detokenizer, StopStrings
 
 
@@ -175,9 +175,7 @@ class PlainDecoder:
         """The graph of the step feeding `fed` [1, 1] (lazy or not): (token [1], logprobs [V]).
         Nothing in it may synchronise (tests/test_decode_pipeline.py checks): that would stall the pipeline."""
         logits = self.model(fed, cache=self.cache, last_only=True)[:, -1, :]
-        for p in self.processors:
-            logits = p(self.history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = processed_logprobs(logits, self.processors, self.history)
         return self.sampler(logprobs), logprobs[0]
 
     def _step(self, fed: mx.array) -> tuple[mx.array, mx.array]:

@@ -98,6 +98,14 @@ class Distribution:
         return mx.random.categorical(mx.log(p)).item(), p
 
 
+def processed_logprobs(logits: mx.array, processors: list[Callable], history: mx.array | None) -> mx.array:
+    """Logits processors (e.g. the repetition penalty, looking back on `history`), then log-softmax:
+    the log-probabilities every decoding path samples from and reports."""
+    for p in processors:
+        logits = p(history, logits)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
 def judge(dist: Distribution, lp: mx.array, d: int, q: mx.array | None) -> tuple[bool, int]:
     """(accepted, token) for draft d drawn from q, against the target log-probabilities lp.
 
@@ -134,20 +142,18 @@ class Speculator:
         self._round = None
 
     def _process(self, logits: mx.array, extra: list[int]) -> mx.array:
-        """Processors see the history (up to the newest emitted token) plus the drafts before this
-        row; log-softmax after them."""
-        if self.processors:
-            hist = self.history
-            if extra:
-                hist = mx.concatenate([hist, mx.array(extra, dtype=hist.dtype)])
-            for p in self.processors:
-                logits = p(hist, logits)
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        """Processors see the history (up to the newest emitted token) plus the drafts before this row."""
+        hist = self.history
+        if self.processors and extra:
+            hist = mx.concatenate([hist, mx.array(extra, dtype=hist.dtype)])
+        return processed_logprobs(logits, self.processors, hist)
 
-    def _draft(self, last: int, k: int) -> tuple[list[int], list]:
+    def _draft(self, k: int) -> tuple[list[int], list, tuple]:
+        """k drafts, the distributions they were drawn from, and the MTP cache checkpoint taken
+        after the verified pairs went in (the recursive rows after it are dropped at commit)."""
         m = self.model
         X = m.mtp_streams(self.pending_h, mx.array(self.pending_t)[None], self.mtp_cache)
-        self._mtp_ck = self.mtp_cache[0].checkpoint()
+        mtp_ck = self.mtp_cache[0].checkpoint()
         drafts, qs = [], []
         for j in range(k):
             logits = m.logits(m.mtp[0].collapse(X[:, -1:]))[0, -1]
@@ -156,13 +162,13 @@ class Speculator:
             qs.append(q)
             if j + 1 < k:
                 X = m.mtp_streams(X[:, -1:], mx.array([[d]]), self.mtp_cache)
-        return drafts, qs
+        return drafts, qs, mtp_ck
 
     def next_round(self, last: int, budget: int) -> list[Emitted]:
         """One round after feeding `last` (the newest emitted token); at most `budget` tokens."""
         m = self.model
         k = min(self.k, budget - 1) if self.pending_t else 0
-        drafts, qs = self._draft(last, k) if k > 0 else ([], [])
+        drafts, qs, mtp_ck = self._draft(k) if k > 0 else ([], [], None)
         ck = [c.checkpoint() for c in self.cache]
         H = m.hidden_streams(mx.array([[last] + drafts]), self.cache)
         logits = m.logits(m.collapse(H))[0]
@@ -179,20 +185,20 @@ class Speculator:
                     continue
             out.append(Emitted(t, lp, False))
             break
-        self._round = (ck, k, a, H, [last] + drafts, out)
+        self._round = (ck, mtp_ck, k, a, H, out)
         return out
 
     def commit(self, used: int) -> None:
         """Keep the first `used` emitted tokens of the round: the trunk keeps `last` and the first
         used - 1 of them (the newest emitted token is never fed), the MTP cache its true rows."""
-        ck, k, a, H, fed, out = self._round
+        ck, mtp_ck, k, a, H, out = self._round
         self._round = None
         if not 1 <= used <= len(out):
             raise ValueError(f"commit of {used} tokens from a round of {len(out)}")
         for c, s in zip(self.cache, ck):
             c.rollback(s, used)
         if k > 0:
-            self.mtp_cache[0].rollback(self._mtp_ck, 0)
+            self.mtp_cache[0].rollback(mtp_ck, 0)
             self.pending_h, self.pending_t = H[:, :used], [e.token for e in out[:used]]
         else:  # no draft call took the pending pairs: append to them
             h = H[:, :used]

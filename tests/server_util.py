@@ -18,6 +18,16 @@ from mlx_dsv4.server.app import create_app
 from mlx_dsv4.server.engine import DONE
 
 
+# Every POST route, and a minimal valid body for each (the error and hostile-input tests vary them).
+ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"]
+HELLO = [{"role": "user", "content": "Hello"}]
+VALID = {"/v1/chat/completions": {"messages": HELLO, "max_tokens": 2},
+         "/v1/completions": {"prompt": "Hello", "max_tokens": 2},
+         "/v1/responses": {"input": "Hello", "max_output_tokens": 2},
+         "/v1/messages": {"messages": HELLO, "max_tokens": 2},
+         "/v1/messages/count_tokens": {"messages": HELLO}}
+
+
 @functools.lru_cache(maxsize=1)
 def tiny():
     return load("tiny-random")

@@ -13,15 +13,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from server_util import start
+from server_util import HELLO, ROUTES, VALID, start
 
-ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"]
-HELLO = [{"role": "user", "content": "Hello"}]
-VALID = {"/v1/chat/completions": {"messages": HELLO, "max_tokens": 2},
-         "/v1/completions": {"prompt": "Hello", "max_tokens": 2},
-         "/v1/responses": {"input": "Hello", "max_output_tokens": 2},
-         "/v1/messages": {"messages": HELLO, "max_tokens": 2},
-         "/v1/messages/count_tokens": {"messages": HELLO}}
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ import pytest
 from chat_util import encode_kwargs, golden_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from server_util import RecordingModel, ScriptedEngine, Running, start, tiny
+from server_util import HELLO, VALID, RecordingModel, ScriptedEngine, Running, start, tiny
 from tokenizers import Tokenizer
 
 from mlx_dsv4.chat import encode_messages, encode_segments
@@ -40,13 +40,6 @@ from mlx_dsv4.server.engine import DONE
 from mlx_dsv4.tokenizer import PromptTokenizer, bundled_tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"]
-HELLO = [{"role": "user", "content": "Hello"}]
-VALID = {"/v1/chat/completions": {"messages": HELLO, "max_tokens": 2},
-         "/v1/completions": {"prompt": "Hello", "max_tokens": 2},
-         "/v1/responses": {"input": "Hello", "max_output_tokens": 2},
-         "/v1/messages": {"messages": HELLO, "max_tokens": 2},
-         "/v1/messages/count_tokens": {"messages": HELLO}}
 
 # The tokenizer file itself, not the code under test: its added tokens are the control tokens.
 HF = Tokenizer.from_file(str(bundled_tokenizer_dir() / "tokenizer.json"))

@@ -44,12 +44,12 @@ def oracle(monkeypatch, ref, seed=0, p_bad=0.3):
     rng = np.random.default_rng(seed)
     real = Speculator._draft
 
-    def draft(self, last, k):
-        real(self, last, k)
+    def draft(self, k):
+        _, _, mtp_ck = real(self, k)
         n = self.stats.emitted
         d = [t if rng.random() > p_bad else (t + 1) % 129280 for t in ref[n : n + k]]
         d += [7] * (k - len(d))
-        return d, [None] * k
+        return d, [None] * k, mtp_ck
 
     monkeypatch.setattr(Speculator, "_draft", draft)
 
