@@ -179,15 +179,85 @@ def restricted_logits(model, h: mx.array, vocab: mx.array, other: mx.array, n_ot
 
 
 def losses(model, tokens: mx.array, vocab: mx.array, other: mx.array, n_other: int):
-    """tokens [B, L + 2] (already remapped into `vocab` for the targets: see train) ->
-    (mean NLL of token i+1, mean NLL of token i+2 from the MTP block)."""
-    x, ids = tokens[0], tokens[1]
-    h = model.hidden_streams(x[:, :-2], model.make_cache(compact=False))
-    main = nn.losses.cross_entropy(restricted_logits(model, model.collapse(h), vocab, other, n_other),
-                                   ids[:, 1:-1], reduction="mean")
-    d = model.mtp[0].collapse(model.mtp_streams(h, x[:, 1:-1]))
-    mtp = nn.losses.cross_entropy(restricted_logits(model, d, vocab, other, n_other), ids[:, 2:], reduction="mean")
+    """tokens [2, B, L + 2] (ids; the same remapped into `vocab` for the targets) ->
+    (mean NLL of token i+1, mean NLL of token i+2 from the MTP block), all in MLX: the reference
+    that `head_nll` and `train_step` are tested against."""
+    hc, d = trunk(model, tokens[0])
+    main = nn.losses.cross_entropy(restricted_logits(model, hc, vocab, other, n_other), tokens[1][:, 1:-1],
+                                   reduction="mean")
+    mtp = nn.losses.cross_entropy(restricted_logits(model, d, vocab, other, n_other), tokens[1][:, 2:],
+                                  reduction="mean")
     return main, mtp
+
+
+def trunk(model, x: mx.array) -> tuple[mx.array, mx.array]:
+    """x [B, L + 2] -> the head's inputs: the trunk's collapsed hidden at 0..L-1 (predicting i+1)
+    and the MTP block's (predicting i+2)."""
+    h = model.hidden_streams(x[:, :-2], model.make_cache(compact=False))
+    return model.collapse(h), model.mtp[0].collapse(model.mtp_streams(h, x[:, 1:-1]))
+
+
+def head_nll(h: np.ndarray, w: np.ndarray, other: np.ndarray, n_other: int, targets: np.ndarray):
+    """Mean cross-entropy of `restricted_logits` and its gradients, in numpy.
+
+    h [N, D] head inputs, w [V, D] the head rows of the training vocabulary, targets [N] in [0, V].
+    Returns (nll, d/dh, d/dw, d/dother). Why numpy: the softmax over 24k columns is most of a
+    training step, and numpy's vectorised exp is ~25x MLX's scalar CPU exp."""
+    n = len(h)
+    z = h @ w.T  # [N, V], contiguous: the matmuls below stay BLAS calls without copies
+    zo = h @ other + np.float32(math.log(n_other))  # the shared column
+    top = np.maximum(z.max(axis=1), zo)
+    z -= top[:, None]
+    zo -= top
+    rows = np.arange(n)
+    picked = np.where(targets < len(w), z[rows, np.minimum(targets, len(w) - 1)], zo)
+    np.exp(z, out=z)
+    np.exp(zo, out=zo)
+    total = z.sum(axis=1) + zo
+    nll = float(np.mean(np.log(total) - picked))
+    scale = (1.0 / (total * n)).astype(np.float32)
+    z *= scale[:, None]  # dNLL/dlogits = (softmax - onehot) / N
+    zo *= scale
+    inside = targets < len(w)
+    z[rows[inside], targets[inside]] -= np.float32(1.0 / n)
+    zo[~inside] -= np.float32(1.0 / n)
+    return nll, z @ w + np.outer(zo, other), z.T @ h, zo @ h
+
+
+def train_step(model, params: dict, rules: dict, tokens: mx.array, vocab_np: np.ndarray, n_other: int):
+    """One loss-and-gradient evaluation: (main NLL, MTP NLL, grads of main + MTP_WEIGHT * mtp).
+
+    The trunk runs in MLX; the head's softmax and its gradients run in numpy (`head_nll`), and
+    their input gradients flow back through the trunk as cotangents (one more trunk forward)."""
+    def heads(p):
+        p = apply_rounding(p, rules)
+        other = p.pop("other")
+        model.update(p)
+        return trunk(model, tokens[0]), other
+
+    (hc, d), other = heads(params)
+    mx.eval(hc, d, other, model.head.weight)
+    w = np.array(model.head.weight)[vocab_np]
+    other_np = np.array(other)
+    dims = hc.shape
+    out = []
+    for h, targets in ((hc, tokens[1][:, 1:-1]), (d, tokens[1][:, 2:])):
+        out.append(head_nll(np.array(h).reshape(-1, dims[-1]), w, other_np, n_other,
+                            np.array(targets).reshape(-1)))
+    (main, dh, dw, do), (mtp, dd, dw2, do2) = out
+    cot_h = mx.array(dh.reshape(dims))
+    cot_d = mx.array((MTP_WEIGHT * dd).reshape(dims))
+
+    def surrogate(p):
+        (a, b), _ = heads(p)
+        return (a * cot_h).sum() + (b * cot_d).sum()
+
+    grads = mx.grad(surrogate)(params)
+    head = np.zeros(model.head.weight.shape, np.float32)
+    head[vocab_np] = dw + MTP_WEIGHT * dw2
+    grads["head"]["weight"] = grads["head"]["weight"] + mx.array(head)
+    grads["other"] = mx.array(do + MTP_WEIGHT * do2)
+    return main, mtp, grads
 
 
 def train(out: Path, steps: int, seq_len: int, batch: int, lr: float, seed: int, log_every: int = 10,
@@ -221,7 +291,7 @@ def train(out: Path, steps: int, seq_len: int, batch: int, lr: float, seed: int,
     params = tree_unflatten([(k, v) for k, v in flat.items() if k not in fixed])
     # the training vocabulary; every other token shares one head row (see restricted_logits)
     vocab_np = np.unique(data)
-    vocab, n_other = mx.array(vocab_np), cfg["vocab_size"] - len(vocab_np)
+    n_other = cfg["vocab_size"] - len(vocab_np)
     remap = np.searchsorted(vocab_np, data).astype(np.int32)
     params["other"] = mx.zeros((cfg["hidden_size"],))
     rules["other"] = bf16_fake
@@ -230,24 +300,16 @@ def train(out: Path, steps: int, seq_len: int, batch: int, lr: float, seed: int,
         [optim.linear_schedule(lr * 0.01, lr, warm), optim.cosine_decay(lr, max(1, steps - warm), lr * 0.1)], [warm])
     opt = optim.AdamW(schedule, betas=[0.9, 0.95], weight_decay=0.01)
 
-    def loss_fn(p, batch_tokens):
-        p = apply_rounding(p, rules)
-        other = p.pop("other")
-        model.update(p)
-        main, mtp = losses(model, batch_tokens, vocab, other, n_other)
-        return main + MTP_WEIGHT * mtp, (main, mtp)
-
-    grad_fn = mx.value_and_grad(loss_fn)
     log = []
     for step in range(1, steps + 1):
         starts = rng.integers(0, len(data) - seq_len - 2, batch)
         b = mx.array(np.stack([np.stack([a[s : s + seq_len + 2] for s in starts]) for a in (data, remap)]))
-        (loss, (main, mtp)), grads = grad_fn(params, b)
+        main, mtp, grads = train_step(model, params, rules, b, vocab_np, n_other)
         grads, gnorm = optim.clip_grad_norm(grads, 1.0)
         params = opt.apply_gradients(grads, params)
-        mx.eval(params, opt.state, loss, main, mtp)
+        mx.eval(params, opt.state)
         if step % log_every == 0 or step == 1 or step == steps:
-            row = {"step": step, "loss": loss.item(), "main": main.item(), "mtp": mtp.item(),
+            row = {"step": step, "loss": main + MTP_WEIGHT * mtp, "main": main, "mtp": mtp,
                    "grad_norm": gnorm.item(), "seconds": round(time.time() - t0, 1)}
             log.append(row)
             print(json.dumps(row), flush=True)
@@ -264,7 +326,7 @@ def train(out: Path, steps: int, seq_len: int, batch: int, lr: float, seed: int,
             "mtp_weight": MTP_WEIGHT, "train_tokens_seen": steps * batch * seq_len,
             "train_files": train_files, "heldout_files": held_files,
             "train_tokens": int(len(data)), "heldout_tokens": int(len(held)), "train_vocab": int(len(vocab_np)),
-            "mlx": mx.__version__, "seconds": round(time.time() - t0, 1), "log": log}
+            "mlx": mx.__version__, "numpy": np.__version__, "seconds": round(time.time() - t0, 1), "log": log}
     (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
     return model, meta
 
@@ -288,8 +350,8 @@ def official_weights(model, hf_config: dict) -> dict[str, np.ndarray]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="new checkpoint directory (must not exist)")
-    # the defaults made the shipped model (mlx_dsv4/tiny_model): 65 min on a 2-core x86 CPU
-    p.add_argument("--steps", type=int, default=500)
+    # the defaults made the shipped model (mlx_dsv4/tiny_model) on a 2-core x86 CPU (training.json: seconds)
+    p.add_argument("--steps", type=int, default=1400)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)

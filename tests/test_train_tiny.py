@@ -39,3 +39,47 @@ def test_storage_roundings_are_the_official_encoders():
     packed, exps = quantize_fp4_weight(w)
     ref = fp4_block_dequantize(unpack_fp4(mx.array(packed.view(np.uint8))), mx.array(exps), 32, mx.float32)
     np.testing.assert_array_equal(np.array(fp4_fake(mx.array(w))), np.array(ref))
+
+
+def test_numpy_head_gradients_equal_autograd_of_the_full_loss():
+    """train_step computes the head's softmax in numpy and feeds its input gradients back through
+    the trunk; the result must equal MLX autograd of the whole loss (`losses`), which is the
+    definition. Tolerance: float32 sums in other orders (observed ~7e-6 of each gradient's max)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_dsv4 import train_tiny as T
+
+    cfg = T.trained_tiny_config(64)
+    model = T.init_model(cfg, 0)
+    rules = T.storage_rounding(cfg)
+    flat = dict(tree_flatten(model.parameters()))
+    params = tree_unflatten([(k, v) for k, v in flat.items() if ".indexer." not in k and "tid2eid" not in k])
+    rng = np.random.default_rng(0)
+    vocab_np = np.unique(rng.integers(0, 129280, 3000))
+    n_other = 129280 - len(vocab_np)
+    params["other"] = mx.array(rng.standard_normal(64).astype(np.float32) * 0.1)
+    rules["other"] = T.bf16_fake
+    x = rng.integers(0, len(vocab_np), (2, 66))
+    x[:, 9] = x[1, 40] = len(vocab_np)  # targets outside the vocabulary: the shared column
+    ids = np.where(x < len(vocab_np), vocab_np[np.minimum(x, len(vocab_np) - 1)], 5)
+    assert 5 not in vocab_np and (x == len(vocab_np)).any()
+    b = mx.array(np.stack([ids, x]).astype(np.int32))
+    main, mtp, grads = T.train_step(model, params, rules, b, vocab_np, n_other)
+
+    def loss_fn(p):
+        p = T.apply_rounding(p, rules)
+        other = p.pop("other")
+        model.update(p)
+        a, c = T.losses(model, b, mx.array(vocab_np.astype(np.int32)), other, n_other)
+        return a + T.MTP_WEIGHT * c, (a, c)
+
+    (_, (ref_main, ref_mtp)), ref = mx.value_and_grad(loss_fn)(params)
+    assert abs(main - ref_main.item()) < 1e-4 and abs(mtp - ref_mtp.item()) < 1e-4
+    got = dict(tree_flatten(grads))
+    for k, v in tree_flatten(ref):
+        if mx.abs(v).max().item() == 0:  # not on the loss's path (the frozen router bias)
+            assert mx.abs(got[k]).max().item() == 0, k
+        else:
+            assert rel_err(got[k], v) < 1e-4, k
+    # negative control: the MTP term's weight matters (a dropped or doubled term would show)
+    assert rel_err(grads["other"], ref["other"] * 0.5) > 1e-2
