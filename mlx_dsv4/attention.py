@@ -59,19 +59,38 @@ class Attention(nn.Module):
             a = og @ mx.swapaxes(wo_a.weight.reshape(G, R, -1), -1, -2)
         return self.wo_b(a.reshape(B, L, G * R))
 
-    def __call__(self, x: mx.array, cache: LayerCache, qat) -> mx.array:
+    def __call__(self, x: mx.array, cache, qat) -> mx.array:
+        """x [B, L, dim] -> [B, L, dim]. cache: one LayerCache (every row at its offset), or a
+        batch.RowCaches (one LayerCache per row, each at its own offset): then the projections run
+        over all rows at once and only what depends on a row's position and cache runs per row."""
         a = self.args
         B, L, _ = x.shape
+        qr = rows_finish(self.wq_a(x), None, 0, norm=True, weight=self.q_norm.weight, eps=self.q_norm.eps)
+        q, kv = self.wq_b(qr).reshape(B, L, a.n_heads, a.head_dim), self.wkv(x)
+        rows = getattr(cache, "rows", None)
+        if rows is None:
+            o = self.attend(x, qr, q, kv, cache, qat)
+        else:
+            if len(rows) != B:
+                raise ValueError(f"{len(rows)} row caches for a batch of {B}")
+            o = mx.concatenate([self.attend(x[i : i + 1], qr[i : i + 1], q[i : i + 1], kv[i : i + 1], c, qat)
+                                for i, c in enumerate(rows)], axis=0)
+        return self.grouped_out(o.reshape(B, L, a.n_heads * a.head_dim))
+
+    def attend(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, cache: LayerCache, qat) -> mx.array:
+        """The position-dependent part at the cache's offset: q / kv norms and RoPE, compressor,
+        indexer, sparse attention, cache pushes. q [B, L, H, D] and kv [B, L, D] are the raw
+        projections; returns the attention output [B, L, H, D], rotated back."""
+        a = self.args
+        L = x.shape[1]
         start = cache.offset
-        H, D, r = a.n_heads, a.head_dim, a.rope_head_dim
+        D, r = a.head_dim, a.rope_head_dim
         nope_fp8 = D - r if qat.simulate else 0  # qat.kv: FP8 on the non-RoPE channels, or nothing
         fr = self._freqs
         cs = cos_sin(mx.arange(start, start + L), fr)  # one table for q, kv and the output (reference path)
-
-        qr = rows_finish(self.wq_a(x), None, 0, norm=True, weight=self.q_norm.weight, eps=self.q_norm.eps)
         # weightless per-head norm, then RoPE
-        q = rows_finish(self.wq_b(qr).reshape(B, L, H, D), fr, start, norm=True, eps=a.norm_eps, cs=cs)
-        kv = rows_finish(self.wkv(x), fr, start, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps,
+        q = rows_finish(q, fr, start, norm=True, eps=a.norm_eps, cs=cs)
+        kv = rows_finish(kv, fr, start, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps,
                          fp8_nope=nope_fp8, cs=cs)
 
         comp, idx = None, None
@@ -94,6 +113,4 @@ class Attention(nn.Module):
                              a.window_size, D ** -0.5)
         cache.push_window(kv)
         cache.offset += L
-
-        o = rows_finish(o, fr, start, inverse=True, cs=cs)
-        return self.grouped_out(o.reshape(B, L, H * D))
+        return rows_finish(o, fr, start, inverse=True, cs=cs)

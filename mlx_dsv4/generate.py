@@ -12,7 +12,7 @@ import numbers
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -94,15 +94,7 @@ def prefill(model, tokens: list[int], cache: list, step: int = 512,
             progress(min(s + step, len(tokens)), len(tokens))
 
 
-def stream_generate(model, tokenizer, prompt: str | list[int] | mx.array, *, max_tokens: int = 256,
-                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                    repetition_penalty: float | None = None, seed: int | None = None,
-                    sampler: Callable[[mx.array], mx.array] | None = None,
-                    logits_processors: list[Callable] | None = None, stop: list[str] | None = None,
-                    prompt_cache: list | None = None, prefill_step_size: int = 512,
-                    num_top_logprobs: int = 0, progress_callback: Callable[[int, int], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None,
-                    num_draft_tokens: int = 0) -> Iterator[GenerationResponse]:
+def stream_generate(model, tokenizer, prompt: str | list[int] | mx.array, **kwargs) -> Iterator[GenerationResponse]:
     """Yield one response per generated token; the last one carries finish_reason.
 
     prompt_cache, if given, already holds the first `prompt_cache[0].offset` prompt tokens (the
@@ -112,7 +104,43 @@ def stream_generate(model, tokenizer, prompt: str | list[int] | mx.array, *, max
     drafts up to K tokens per step with the model's MTP layer and verifies them in one pass (see
     speculative.py): the same tokens as plain decoding when greedy, the same distribution when
     sampling. Bad arguments raise ValueError here, at the call; the prefill starts with the first
-    response."""
+    response. The keyword arguments are those of `prepare`."""
+    plan = prepare(model, tokenizer, prompt, **kwargs)
+    if plan.seed is not None:
+        mx.random.seed(plan.seed)
+    return _stream(plan)
+
+
+@dataclass
+class Plan:
+    """A validated generation request: what `_stream` runs (and batch rows run step by step)."""
+    model: object
+    tokenizer: object
+    ids: list[int]
+    cache: list
+    cached: int
+    max_tokens: int
+    sampler: Callable
+    processors: list[Callable]
+    stop: list[str] | None
+    prefill_step_size: int
+    num_top_logprobs: int
+    progress_callback: Callable | None
+    should_stop: Callable | None
+    draft: tuple | None
+    seed: int | None
+
+
+def prepare(model, tokenizer, prompt: str | list[int] | mx.array, *, max_tokens: int = 256,
+            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+            repetition_penalty: float | None = None, seed: int | None = None,
+            sampler: Callable[[mx.array], mx.array] | None = None,
+            logits_processors: list[Callable] | None = None, stop: list[str] | None = None,
+            prompt_cache: list | None = None, prefill_step_size: int = 512,
+            num_top_logprobs: int = 0, progress_callback: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None,
+            num_draft_tokens: int = 0) -> Plan:
+    """Check every argument of stream_generate (ValueError, at the call) and build its Plan."""
     vocab = model.args.vocab_size
     ids = prompt_tokens(tokenizer, prompt, vocab)
     context = model.args.max_position_embeddings
@@ -142,14 +170,12 @@ def stream_generate(model, tokenizer, prompt: str | list[int] | mx.array, *, max
         if num_draft_tokens >= model.args.window_size:
             raise ValueError(f"num_draft_tokens must be below the window size {model.args.window_size}")
         draft = (num_draft_tokens, Distribution(temperature, top_p, min_p, top_k))
-    if seed is not None:
-        mx.random.seed(seed)
     sampler = sampler or make_sampler(temperature, top_p, min_p, top_k=top_k)
     processors = list(logits_processors or []) + make_logits_processors(repetition_penalty=repetition_penalty)
     max_tokens = min(max_tokens, context - len(ids))  # prompt + generated never exceeds the context
     stop = [stop] if isinstance(stop, str) else stop
-    return _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processors, stop,
-                   prefill_step_size, num_top_logprobs, progress_callback, should_stop, draft)
+    return Plan(model, tokenizer, ids, cache, cached, max_tokens, sampler, processors, stop, prefill_step_size,
+                num_top_logprobs, progress_callback, should_stop, draft, seed)
 
 
 PIPELINE = True  # PlainDecoder's default: submit the next step before reading the current token
@@ -226,14 +252,20 @@ def _readout_stream():
     return _readout.stream
 
 
-def _stream(model, tokenizer, ids, cache, cached, max_tokens, sampler, processors, stop, prefill_step_size,
-            num_top_logprobs, progress_callback, should_stop, draft) -> Iterator[GenerationResponse]:
+def _stream(plan: Plan, source=None) -> Iterator[GenerationResponse]:
+    """The responses of a Plan. source: the token source when the caller has prefilled the cache
+    (a batch row, fed by batched steps); by default a PlainDecoder or Speculator after the prefill."""
+    (model, tokenizer, ids, cache, cached, max_tokens, sampler, processors, stop, prefill_step_size,
+     num_top_logprobs, progress_callback, should_stop, draft, _) = (getattr(plan, f.name) for f in fields(plan))
     vocab = model.args.vocab_size
     tic = time.perf_counter()
     todo = ids[cached:]
     report = progress_callback and (lambda done, _total: progress_callback(done, len(todo)))
     history = mx.array(ids) if processors else None  # what the logits processors look back on
-    if draft is None:
+    if source is not None:
+        if len(todo) != 1:
+            raise ValueError(f"a given token source needs every prompt token but the last cached, {len(todo)} are not")
+    elif draft is None:
         prefill(model, todo[:-1], cache, prefill_step_size, report)
         source = PlainDecoder(model, cache, sampler, processors, history)
     else:

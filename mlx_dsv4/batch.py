@@ -1,0 +1,224 @@
+"""Continuous batching: sequences at their own positions decoded together, one token per row per step.
+
+What does not depend on a row's position (embedding, mHC, norms, the attention's projections, MoE,
+the head) runs over all rows as one [B, 1, ...] tensor. What does (RoPE, the compressors, the
+indexer, sparse attention, the cache pushes) runs per row on a B=1 slice with that row's own
+LayerCache, by the code the solo path runs (Attention.attend): each row keeps its own window,
+compressed entries, indexer selections and compressor phase. Rows join and leave at step boundaries;
+a joining prompt is prefilled through the ordinary B=1 path, one chunk per step, so a long prompt
+delays the running rows by at most one chunk per step.
+
+A row's responses come from generate._stream, fed by the batched steps (RowSource) instead of a
+PlainDecoder: detokenizing, stop strings, log-probabilities and the cache contract are the solo ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .cache import LayerCache
+from .generate import GenerationResponse, Plan, _stream, prepare
+from .speculative import Emitted, processed_logprobs
+
+
+class RowCaches:
+    """One layer's caches of the rows of a batch, each at its own offset (see Attention.__call__)."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: list[LayerCache]):
+        self.rows = rows
+
+
+def step_logits(model, tokens: mx.array, caches: list[list[LayerCache]]) -> mx.array:
+    """One decode step: row i feeds tokens[i] to its cache list caches[i] -> logits [B, vocab]."""
+    if tokens.size != len(caches):
+        raise ValueError(f"{tokens.size} tokens for {len(caches)} rows")
+    per_layer = [RowCaches([c[i] for c in caches]) for i in range(len(model.layers))]
+    return model(tokens.reshape(-1, 1), cache=per_layer, last_only=True)[:, -1, :]
+
+
+class RowSource:
+    """The token source of a row's _stream: the token its batched step sampled."""
+
+    stats = None
+
+    def __init__(self):
+        self.ready: Emitted | None = None
+
+    def next_round(self, last: int, budget: int) -> list[Emitted]:
+        e, self.ready = self.ready, None
+        if e is None:
+            raise RuntimeError("a batch row asked for a token that no step computed")
+        return [e]
+
+    def commit(self, used: int) -> None:
+        pass
+
+
+class Row:
+    def __init__(self, uid: int, plan: Plan, should_stop: Callable[[], bool] | None):
+        self.uid, self.plan, self.user_stop = uid, plan, should_stop
+        self.fed = plan.cached  # prompt tokens in the cache
+        self.source = RowSource()
+        self.stream = None  # the row's _stream, once all its prompt but the last token is in the cache
+        self.cancelled = self.stopping = False
+        self.n = 0
+        self.last = plan.ids[-1]  # the token the next step feeds
+        self.history = mx.array(plan.ids) if plan.processors else None
+        self.tic = time.perf_counter()
+        self.prompt_tps = 0.0
+        plan.should_stop = lambda: self.stopping  # latched once per step: every row sees one decision
+
+    @property
+    def prefilling(self) -> bool:
+        return self.stream is None
+
+    def prefill_chunk(self, model, step: int) -> None:
+        """Feed the next chunk of the prompt (all but its last token) through the B=1 path."""
+        ids = self.plan.ids
+        end = min(self.fed + step, len(ids) - 1)
+        if end > self.fed:
+            model(mx.array(ids[self.fed : end])[None], cache=self.plan.cache, last_only=True)
+            mx.eval([c.state for c in self.plan.cache])
+            self.fed = end
+        if self.fed == len(ids) - 1:
+            done = len(ids) - self.plan.cached
+            self.prompt_tps = done / max(time.perf_counter() - self.tic, 1e-9)
+            self.plan.cached = self.fed
+            self.stream = _stream(self.plan, self.source)
+
+    def respond(self) -> GenerationResponse:
+        r = next(self.stream)
+        r.prompt_tps = self.prompt_tps
+        if r.token is not None:
+            self.n += 1
+            self.last = r.token
+        return r
+
+
+@dataclass
+class BatchResponse:
+    texts: list[str]
+    responses: list[GenerationResponse]  # each prompt's last response (finish reason, counts, rates)
+
+
+class BatchGenerator:
+    """Rows in flight (at most max_batch, prefilling ones included), the rest queued first come first
+    served. insert() queues a request (the keyword arguments of stream_generate, num_draft_tokens
+    excepted); step() runs one prefill chunk and one decode step and returns [(uid, response)].
+    admit(plan, running_plans) -> bool may hold a queued request back (memory admission)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, prefill_step: int = 512,
+                 admit: Callable[[Plan, list[Plan]], bool] | None = None):
+        if not (isinstance(max_batch, int) and max_batch >= 1):
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if prefill_step < 1:
+            raise ValueError(f"prefill_step must be >= 1, got {prefill_step}")
+        self.model, self.tokenizer, self.max_batch, self.prefill_step = model, tokenizer, max_batch, prefill_step
+        self.admit = admit
+        self.queued: deque[Row] = deque()
+        self.running: list[Row] = []
+        self._uids = itertools.count()
+
+    def insert(self, prompt, should_stop: Callable[[], bool] | None = None, **kwargs) -> int:
+        if kwargs.get("num_draft_tokens"):
+            raise ValueError("batched decoding does not draft: num_draft_tokens must be 0")
+        kwargs.pop("progress_callback", None)
+        row = Row(next(self._uids), prepare(self.model, self.tokenizer, prompt, **kwargs), should_stop)
+        self.queued.append(row)
+        return row.uid
+
+    def cancel(self, uid: int) -> None:
+        """The row ends at the next step with finish_reason "cancelled" (a queued one never starts)."""
+        for row in itertools.chain(self.running, self.queued):
+            if row.uid == uid:
+                row.cancelled = True
+
+    def __len__(self) -> int:
+        return len(self.running) + len(self.queued)
+
+    def _admit(self) -> list[tuple[int, GenerationResponse]]:
+        out = []
+        while self.queued and len(self.running) < self.max_batch:
+            row = self.queued[0]
+            if row.cancelled or (row.user_stop is not None and row.user_stop()):
+                self.queued.popleft()
+                out.append((row.uid, None))  # never started
+                continue
+            if self.admit is not None and self.running and not self.admit(row.plan, [r.plan for r in self.running]):
+                break  # first come first served: nothing overtakes the head of the queue
+            self.running.append(self.queued.popleft())
+        return out
+
+    def step(self) -> list[tuple[int, GenerationResponse | None]]:
+        """One scheduling step. A None response: the queued request was cancelled before it started."""
+        out = self._admit()
+        for row in self.running:  # latch the stop decisions of this step
+            row.stopping = row.cancelled or (row.user_stop is not None and row.user_stop())
+        waiting = [r for r in self.running if r.prefilling]
+        if waiting:  # the oldest joining row gets one prefill chunk
+            row = waiting[0]
+            if row.stopping:
+                out.append((row.uid, self._cancelled_early(row)))
+                self.running.remove(row)
+            else:
+                row.prefill_chunk(self.model, self.prefill_step)
+        ready = [r for r in self.running if not r.prefilling]
+        decode = [r for r in ready if not r.stopping and r.n < r.plan.max_tokens]
+        for row in ready:
+            if row not in decode:  # ends without a token: its stream reports cancelled / length
+                out.append((row.uid, self._finish(row, row.respond())))
+        if decode:
+            toks = mx.array([r.last for r in decode], dtype=mx.int32)
+            logits = step_logits(self.model, toks, [r.plan.cache for r in decode])
+            picks = []
+            for i, row in enumerate(decode):
+                lp = processed_logprobs(logits[i : i + 1], row.plan.processors, row.history)
+                picks.append((row.plan.sampler(lp), lp[0]))
+            mx.eval(picks, [[c.state for c in r.plan.cache] for r in decode])
+            for row, (y, lp) in zip(decode, picks):
+                row.source.ready = Emitted(y.item(), lp, False)
+                r = row.respond()
+                if row.history is not None:
+                    row.history = mx.concatenate([row.history, y.reshape(1).astype(row.history.dtype)])
+                out.append((row.uid, self._finish(row, r)))
+        return out
+
+    def _finish(self, row: Row, r: GenerationResponse) -> GenerationResponse:
+        if r.finish_reason is not None:
+            row.stream.close()  # runs the stream's cleanup
+            self.running.remove(row)
+        return r
+
+    def _cancelled_early(self, row: Row) -> GenerationResponse:
+        """A row cancelled during its prefill: one final response, nothing generated."""
+        p = row.plan
+        return GenerationResponse(text="", token=None, logprob=None, top_logprobs=None, prompt_tokens=len(p.ids),
+                                  cached_tokens=p.cached, prompt_tps=0.0, generation_tokens=0, generation_tps=0.0,
+                                  peak_memory=mx.get_peak_memory() / 1e9, finish_reason="cancelled")
+
+
+def batch_generate(model, tokenizer, prompts: list, max_batch: int = 8, prefill_step: int = 512,
+                   verbose: bool = False, **kwargs) -> BatchResponse:
+    """Generate for every prompt (strings or id lists), up to max_batch at once; the keyword arguments
+    (max_tokens, temperature, stop, ...) apply to each prompt, as stream_generate takes them."""
+    gen = BatchGenerator(model, tokenizer, max_batch, prefill_step)
+    uids = [gen.insert(p, **kwargs) for p in prompts]
+    texts = {u: [] for u in uids}
+    last: dict[int, GenerationResponse] = {}
+    while len(gen):
+        for uid, r in gen.step():
+            if r is not None:
+                texts[uid].append(r.text)
+                last[uid] = r
+    if verbose:
+        for u in uids:
+            print(f"[{u}] {''.join(texts[u])!r} ({last[u].generation_tokens} tokens, {last[u].finish_reason})")
+    return BatchResponse(["".join(texts[u]) for u in uids], [last[u] for u in uids])
