@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from .prompt_cache import load_prompt_cache, save_prompt_cache  # noqa: F401  (re-exported)
 from .speculative import Distribution, Emitted, Speculator, prefill_with_streams, processed_logprobs
@@ -170,12 +170,37 @@ def prepare(model, tokenizer, prompt: str | list[int] | mx.array, *, max_tokens:
         if num_draft_tokens >= model.args.window_size:
             raise ValueError(f"num_draft_tokens must be below the window size {model.args.window_size}")
         draft = (num_draft_tokens, Distribution(temperature, top_p, min_p, top_k))
-    sampler = sampler or make_sampler(temperature, top_p, min_p, top_k=top_k)
+    if sampler is None:
+        sampler = (make_sampler(temperature, top_p, min_p, top_k=top_k) if seed is None or temperature == 0
+                   else keyed_sampler(temperature, top_p, min_p, top_k, seed))
     processors = list(logits_processors or []) + make_logits_processors(repetition_penalty=repetition_penalty)
     max_tokens = min(max_tokens, context - len(ids))  # prompt + generated never exceeds the context
     stop = [stop] if isinstance(stop, str) else stop
     return Plan(model, tokenizer, ids, cache, cached, max_tokens, sampler, processors, stop, prefill_step_size,
                 num_top_logprobs, progress_callback, should_stop, draft, seed)
+
+
+def keyed_sampler(temperature: float, top_p: float, min_p: float, top_k: int, seed: int) -> Callable:
+    """mlx-lm's sampling chain (top-p, min-p, top-k, then a categorical draw at the temperature) drawing
+    from its own key chain: a stream's draws depend on its seed alone, not on other streams drawing
+    from the global generator in between (batch rows, the server's concurrent requests)."""
+    filters = []
+    if 0 < top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p != 0.0:
+        filters.append(lambda x: apply_min_p(x, min_p, 1))
+    if top_k > 0:
+        filters.append(lambda x: apply_top_k(x, top_k))
+    key = mx.random.key(seed)
+
+    def draw(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        for f in filters:
+            logprobs = f(logprobs)
+        key, sub = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1.0 / temperature), key=sub)
+
+    return draw
 
 
 PIPELINE = True  # PlainDecoder's default: submit the next step before reading the current token

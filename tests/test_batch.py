@@ -153,3 +153,17 @@ def test_cache_bytes_per_row_equal_the_analytic_figure(tiny):
         states = sum(c.nbytes for c in cache) - stored - ring
         assert stored == want["compressed"] and ring == want["rings"]
         assert 0 <= states <= want["states_max"]
+
+
+def test_seeded_sampling_rows_draw_from_their_own_seed(tiny):
+    """Each row samples from its own key chain: the same tokens as its solo seeded run, whatever its
+    neighbours draw (a row with another seed is the control: its tokens differ)."""
+    model, tok = tiny
+    ps = prompts([6, 40], seed=13)
+    ps = [ps[0], ps[0], ps[1]]
+    kw = [{"seed": 1}, {"seed": 2}, {"seed": 1, "top_p": 0.9, "min_p": 0.01, "top_k": 50}]
+    got = run_batch(model, tok, [(p, k) for p, k in zip(ps, kw)], max_tokens=8, temperature=5.0)
+    sol = [solo(model, tok, p, max_tokens=8, temperature=5.0, **k) for p, k in zip(ps, kw)]
+    for rs, want in zip(got, sol):
+        same(rs, want)
+    assert ps[0] == ps[1] and [r.token for r in got[0]] != [r.token for r in got[1]]
