@@ -113,16 +113,18 @@ class BatchGenerator:
     """Rows in flight (at most max_batch, prefilling ones included), the rest queued first come first
     served. insert() queues a request (the keyword arguments of stream_generate, num_draft_tokens
     excepted); step() runs one prefill chunk and one decode step and returns [(uid, response)].
-    admit(plan, running_plans) -> bool may hold a queued request back (memory admission)."""
+    admit(plan, running_plans) -> bool may hold a queued request back (memory admission);
+    prefilled(plan) is called when a row's prompt but its last token has been fed (prefix snapshots)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, prefill_step: int = 512,
-                 admit: Callable[[Plan, list[Plan]], bool] | None = None):
+                 admit: Callable[[Plan, list[Plan]], bool] | None = None,
+                 prefilled: Callable[[Plan], None] | None = None):
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         if prefill_step < 1:
             raise ValueError(f"prefill_step must be >= 1, got {prefill_step}")
         self.model, self.tokenizer, self.max_batch, self.prefill_step = model, tokenizer, max_batch, prefill_step
-        self.admit = admit
+        self.admit, self.prefilled = admit, prefilled
         self.queued: deque[Row] = deque()
         self.running: list[Row] = []
         self._uids = itertools.count()
@@ -140,6 +142,12 @@ class BatchGenerator:
         for row in itertools.chain(self.running, self.queued):
             if row.uid == uid:
                 row.cancelled = True
+
+    def plan(self, uid: int) -> Plan:
+        for row in itertools.chain(self.running, self.queued):
+            if row.uid == uid:
+                return row.plan
+        raise KeyError(f"no request {uid} in flight or queued")
 
     def __len__(self) -> int:
         return len(self.running) + len(self.queued)
@@ -169,7 +177,10 @@ class BatchGenerator:
                 out.append((row.uid, self._cancelled_early(row)))
                 self.running.remove(row)
             else:
+                before = row.plan.cached
                 row.prefill_chunk(self.model, self.prefill_step)
+                if not row.prefilling and row.fed > before and self.prefilled is not None:
+                    self.prefilled(row.plan)
         ready = [r for r in self.running if not r.prefilling]
         decode = [r for r in ready if not r.stopping and r.n < r.plan.max_tokens]
         for row in ready:

@@ -350,6 +350,11 @@ def serve(
         "--special-in-text", help="UNSAFE: read control tokens (<｜User｜>, </think>, EOS, DSML) inside request "
         "text too, as before; a request, or a web page quoted in it, can then fake turns and tool calls")] = False,
     expert_memory_gb: ExpertMemOpt = None, num_draft_tokens: DraftOpt = 0,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1,
+                                           help="requests decoded together (the rest wait in order)")] = 8,
+    batch_cache_gb: Annotated[float, typer.Option(
+        "--batch-cache-gb", min=0.0, help="cache memory the requests in flight may need at their full length "
+        "(a request that alone needs more still runs, alone)")] = 8.0,
 ):
     """OpenAI- and Anthropic-compatible HTTP server."""
     check_expert_memory(expert_memory_gb)
@@ -368,7 +373,8 @@ def serve(
                  default_thinking=thinking, prefix_cache_entries=prefix_cache_entries,
                  prefix_cache_bytes=int(prefix_cache_gb * 2**30), log_level=log_level, body_timeout_s=body_timeout,
                  shutdown_grace_s=shutdown_grace, special_in_text=special_in_text, expert_memory_gb=expert_memory_gb,
-                 num_draft_tokens=num_draft_tokens)
+                 num_draft_tokens=num_draft_tokens, max_batch=max_batch,
+                 batch_cache_bytes=int(batch_cache_gb * 2**30))
 
     run_guarded(run)
 

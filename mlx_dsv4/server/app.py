@@ -264,8 +264,9 @@ def create_app(model, tokenizer, *, model_name: str = "deepseek-v4", api_key: st
                default_thinking: bool = False, default_temperature: float = 1.0,
                prefix_cache: PrefixCache | None = None, engine=None, body_timeout_s: float = 60.0,
                shutdown_grace_s: float = 10.0, special_in_text: bool = False, progress=None,
-               num_draft_tokens: int = 0) -> FastAPI:
+               num_draft_tokens: int = 0, max_batch: int = 8, batch_cache_bytes: int = 8 << 30) -> FastAPI:
     """The FastAPI app. `engine` replaces the model-owning Engine (tests script the output with it).
+    max_batch: requests decoded together; batch_cache_bytes: what their caches may hold (admission).
     special_in_text: request text may hold control tokens (unsafe: a request can then fake turns,
     EOS and tool calls). progress(done_bytes, total_bytes) follows the weights as they load."""
     from . import anthropic_api, openai_api, responses_api
@@ -273,7 +274,8 @@ def create_app(model, tokenizer, *, model_name: str = "deepseek-v4", api_key: st
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: give a non-empty key, or none to serve without one")
     engine = engine if engine is not None else Engine(model, tokenizer, prefix_cache, progress=progress,
-                                                      num_draft_tokens=num_draft_tokens)
+                                                      num_draft_tokens=num_draft_tokens, max_batch=max_batch,
+                                                      cache_budget=batch_cache_bytes)
     context = model.args.max_position_embeddings
     srv = Server(tokenizer, engine, model_name=model_name, vocab_size=model.args.vocab_size,
                  max_tokens_limit=max_tokens_limit,

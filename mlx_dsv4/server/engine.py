@@ -1,9 +1,13 @@
-"""The model-owning worker: one thread runs every MLX call; requests wait in a FIFO queue.
+"""The model-owning worker: one thread runs every MLX call; requests are decoded together.
 
 MLX streams belong to the thread that made them, so HTTP handlers never touch the model: they
-submit a Job with a callback and receive its GenerationResponses through it. Jobs run one at a
-time in arrival order (correct under any concurrency; not batched). A cancelled job (client gone)
-stops at the next token or prefill chunk, or is skipped if it has not started.
+submit a Job with a callback and receive its GenerationResponses through it. Up to `max_batch`
+jobs are in flight (batch.BatchGenerator: one decode step for all, a joining prompt prefilled one
+chunk per step), the rest wait first come first served; a job is admitted only while the analytic
+cache bytes (cache_size.py) of the jobs in flight, each at its prompt + max_tokens, fit
+`cache_budget`. Each job keeps its own sampling parameters, seed, stop strings and logprobs. A
+cancelled job (client gone) stops at the next step, or is skipped if it has not started.
+With --num-draft-tokens the jobs run one at a time through speculative decoding instead.
 
 Prefix reuse: the compressed caches cannot be trimmed, so the PrefixCache keeps whole-cache
 snapshots keyed by the token prefix they hold, taken at the end of each prompt but its last token
@@ -22,6 +26,8 @@ from collections.abc import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..batch import BatchGenerator
+from ..cache_size import cache_bytes
 from ..generate import stream_generate
 
 DONE = object()  # emitted after a job's last response (or its error)
@@ -84,9 +90,12 @@ class PrefixCache:
 
 class Engine:
     def __init__(self, model, tokenizer, prefix_cache: PrefixCache | None = None, prefill_step: int = 512,
-                 progress: Callable[[int, int], None] | None = None, num_draft_tokens: int = 0):
+                 progress: Callable[[int, int], None] | None = None, num_draft_tokens: int = 0,
+                 max_batch: int = 8, cache_budget: int = 8 << 30):
         if num_draft_tokens and not model.mtp:
             raise ValueError("--num-draft-tokens needs an MTP layer, and this checkpoint has none")
+        if not (isinstance(max_batch, int) and max_batch >= 1):
+            raise ValueError(f"--max-batch must be a positive integer, got {max_batch!r}")
         # Lazy weights are graphs bound to the loading thread's stream: materialise them there,
         # about a GiB at a time so that progress(done_bytes, total_bytes) can follow.
         weights = [v for _, v in tree_flatten(model.parameters())]
@@ -103,7 +112,9 @@ class Engine:
         self.prefill_step = prefill_step
         # every request drafts with the MTP layer: greedy output is unchanged, sampling keeps its law
         self.num_draft_tokens = num_draft_tokens
+        self.max_batch, self.cache_budget = max_batch, cache_budget
         self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.waiting = 0  # jobs admitted to the batch that have not produced their first token
         self.thread = threading.Thread(target=self._run, name="mlx-dsv4-engine", daemon=True)
         self.thread.start()
 
@@ -115,7 +126,18 @@ class Engine:
 
     @property
     def pending(self) -> int:
-        return self.jobs.qsize()
+        """Jobs waiting for their first token: queued, or in the batch and still prefilling."""
+        return self.jobs.qsize() + self.waiting
+
+    def row_bytes(self, n_tokens: int) -> int:
+        """The analytic cache bytes of one sequence of n_tokens in this model's cache format."""
+        m = self.model
+        fmt = "compact" if m.qat.simulate else "bf16"
+        return cache_bytes(m.args, n_tokens, fmt, m.layers[0].attn_norm.weight.dtype.size)["total"]
+
+    def admits(self, plan, running: list) -> bool:
+        need = sum(self.row_bytes(len(p.ids) + p.max_tokens) for p in [plan, *running])
+        return need <= self.cache_budget
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -123,6 +145,8 @@ class Engine:
 
     def _run(self) -> None:
         mx.set_default_stream(mx.new_stream(mx.default_device()))  # this thread's own stream
+        if not self.num_draft_tokens:
+            return self._run_batched()
         while (job := self.jobs.get()) is not None:
             try:
                 if job.cancelled.is_set():
@@ -163,3 +187,69 @@ class Engine:
             job.emit(r)
         if cache[0].offset > len(toks):  # the cache now holds the reply but its last token
             self.prefix.store(toks + generated, cache)
+
+    # -- continuous batching ---------------------------------------------------------------------
+    def _run_batched(self) -> None:
+        gen = self._new_batch()
+        live: dict[int, tuple] = {}  # uid -> (job, generated tokens, its generation plan)
+        while True:
+            try:  # block for work only when nothing is in flight
+                while True:
+                    job = self.jobs.get(block=not len(gen))
+                    if job is None:
+                        return
+                    self._join(gen, job, live)
+            except queue.Empty:
+                pass
+            try:
+                events = gen.step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its rows; the worker lives on
+                for job, *_ in live.values():
+                    self._end(job, e)
+                live.clear()
+                gen = self._new_batch()
+                continue
+            for uid, r in events:
+                job, generated, plan = live[uid]
+                if r is None:  # cancelled while queued
+                    job.finish_reason = "skipped"
+                else:
+                    if r.token is not None:
+                        generated.append(r.token)
+                    r.cached_tokens = job.cached  # from an earlier request's snapshot
+                    job.finish_reason = r.finish_reason
+                    job.emit(r)
+                    if r.finish_reason is None:
+                        continue
+                    cache = plan.cache
+                    if cache[0].offset > len(job.tokens):  # the cache holds the reply but its last token
+                        self.prefix.store(job.tokens + generated, cache)
+                del live[uid]
+                self._end(job)
+            self.waiting = sum(1 for j, g, _ in live.values() if not g and j.finish_reason is None)
+
+    def _new_batch(self) -> BatchGenerator:
+        return BatchGenerator(self.model, self.tokenizer, self.max_batch, self.prefill_step, admit=self.admits,
+                              prefilled=lambda plan: self.prefix.store(plan.ids, plan.cache))
+
+    def _join(self, gen: BatchGenerator, job: Job, live: dict) -> None:
+        if job.cancelled.is_set():
+            job.finish_reason = "skipped"
+            return self._end(job)
+        try:
+            toks, vocab = job.tokens, self.model.args.vocab_size
+            if toks and (min(toks) < 0 or max(toks) >= vocab):  # an id past the embedding table crashes
+                raise ValueError(f"prompt token ids outside the model's vocabulary [0, {vocab})")
+            n, cache = self.prefix.lookup(toks)
+            job.cached = n
+            uid = gen.insert(toks, should_stop=job.cancelled.is_set, prompt_cache=cache, **job.params)
+        except Exception as e:  # noqa: BLE001 - reported to its request
+            return self._end(job, e)
+        live[uid] = (job, [], gen.plan(uid))
+
+    @staticmethod
+    def _end(job: Job, error: Exception | None = None) -> None:
+        if error is not None:
+            job.emit(error)
+        job.done.set()
+        job.emit(DONE)
