@@ -5,8 +5,8 @@ the head) runs over all rows as one [B, 1, ...] tensor. What does (RoPE, the com
 indexer, sparse attention, the cache pushes) runs per row on a B=1 slice with that row's own
 LayerCache, by the code the solo path runs (Attention.attend): each row keeps its own window,
 compressed entries, indexer selections and compressor phase. Rows join and leave at step boundaries;
-a joining prompt is prefilled through the ordinary B=1 path, one chunk per step, so a long prompt
-delays the running rows by at most one chunk per step.
+joining prompts are prefilled through the ordinary B=1 path, at most one chunk's worth of their
+tokens per step (oldest first), so a long prompt delays the running rows by at most one chunk per step.
 
 A row's responses come from generate._stream, fed by the batched steps (RowSource) instead of a
 PlainDecoder: detokenizing, stop strings, log-probabilities and the cache contract are the solo ones.
@@ -80,9 +80,11 @@ class Row:
     def prefilling(self) -> bool:
         return self.stream is None
 
-    def prefill_chunk(self, model, step: int) -> None:
-        """Feed the next chunk of the prompt (all but its last token) through the B=1 path."""
+    def prefill_chunk(self, model, step: int) -> int:
+        """Feed the next at most `step` prompt tokens (all but the last one) through the B=1 path;
+        returns how many."""
         ids = self.plan.ids
+        start = self.fed
         end = min(self.fed + step, len(ids) - 1)
         if end > self.fed:
             model(mx.array(ids[self.fed : end])[None], cache=self.plan.cache, last_only=True)
@@ -93,6 +95,7 @@ class Row:
             self.prompt_tps = done / max(time.perf_counter() - self.tic, 1e-9)
             self.plan.cached = self.fed
             self.stream = _stream(self.plan, self.source)
+        return self.fed - start
 
     def respond(self) -> GenerationResponse:
         r = next(self.stream)
@@ -170,17 +173,18 @@ class BatchGenerator:
         out = self._admit()
         for row in self.running:  # latch the stop decisions of this step
             row.stopping = row.cancelled or (row.user_stop is not None and row.user_stop())
-        waiting = [r for r in self.running if r.prefilling]
-        if waiting:  # the oldest joining row gets one prefill chunk
-            row = waiting[0]
+        budget = self.prefill_step  # joining rows share one chunk's worth of prompt tokens, oldest first
+        for row in [r for r in self.running if r.prefilling]:
+            if budget <= 0:
+                break
             if row.stopping:
                 out.append((row.uid, self._cancelled_early(row)))
                 self.running.remove(row)
-            else:
-                before = row.plan.cached
-                row.prefill_chunk(self.model, self.prefill_step)
-                if not row.prefilling and row.fed > before and self.prefilled is not None:
-                    self.prefilled(row.plan)
+                continue
+            before = row.plan.cached
+            budget -= max(row.prefill_chunk(self.model, budget), 1)
+            if not row.prefilling and row.fed > before and self.prefilled is not None:
+                self.prefilled(row.plan)
         ready = [r for r in self.running if not r.prefilling]
         decode = [r for r in ready if not r.stopping and r.n < r.plan.max_tokens]
         for row in ready:
