@@ -16,6 +16,7 @@ from .compressor import Compressor
 from .config import ModelArgs
 from .indexer import Indexer
 from .kernels.attention import sparse_attention
+from .kernels import registry
 from .kernels.rows_finish import rows_finish
 from .norm import RMSNorm
 from .rope import cos_sin, inv_freq
@@ -61,8 +62,8 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache, qat) -> mx.array:
         """x [B, L, dim] -> [B, L, dim]. cache: one LayerCache (every row at its offset), or a
-        batch.RowCaches (one LayerCache per row, each at its own offset): then the projections run
-        over all rows at once and only what depends on a row's position and cache runs per row."""
+        batch.RowCaches (one LayerCache per row, each at its own offset): then everything but the
+        compressors, the indexer, the attention itself and the cache pushes runs over all rows at once."""
         a = self.args
         B, L, _ = x.shape
         qr = rows_finish(self.wq_a(x), None, 0, norm=True, weight=self.q_norm.weight, eps=self.q_norm.eps)
@@ -73,25 +74,53 @@ class Attention(nn.Module):
         else:
             if len(rows) != B:
                 raise ValueError(f"{len(rows)} row caches for a batch of {B}")
-            o = mx.concatenate([self.attend(x[i : i + 1], qr[i : i + 1], q[i : i + 1], kv[i : i + 1], c, qat)
-                                for i, c in enumerate(rows)], axis=0)
+            starts = [c.offset for c in rows]
+            q, kv, cs = self.finish_rows(q, kv, starts, qat)
+            o = mx.concatenate([self.attend(x[i : i + 1], qr[i : i + 1], q[i : i + 1], kv[i : i + 1], c, qat,
+                                            finished=True) for i, c in enumerate(rows)], axis=0)
+            o = self._finish(o, starts, lambda t, p0, c: rows_finish(t, self._freqs, p0, inverse=True, cs=c), cs)
         return self.grouped_out(o.reshape(B, L, a.n_heads * a.head_dim))
 
-    def attend(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, cache: LayerCache, qat) -> mx.array:
+    def finish_rows(self, q: mx.array, kv: mx.array, starts: list[int], qat):
+        """q / kv norms, RoPE at each row's own positions and kv's FP8 rounding, for all rows at once: the
+        same elementwise ops as the solo path with a per-row angle table. Returns (q, kv, the table)."""
+        a = self.args
+        L = q.shape[1]
+        nope_fp8 = a.head_dim - a.rope_head_dim if qat.simulate else 0
+        cs = cos_sin(mx.array(starts)[:, None] + mx.arange(L), self._freqs)  # [B, L, r/2]
+        q = self._finish(q, starts, lambda t, p0, c: rows_finish(t, self._freqs, p0, norm=True, eps=a.norm_eps,
+                                                                   cs=c), cs)
+        kv = self._finish(kv, starts, lambda t, p0, c: rows_finish(
+            t, self._freqs, p0, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps, fp8_nope=nope_fp8,
+            cs=c), cs)
+        return q, kv, cs
+
+    @staticmethod
+    def _finish(t: mx.array, starts: list[int], fn, cs):
+        """fn(rows, pos0, angle table) over all rows with the per-row table; where the kernel runs (it takes
+        one scalar position), one call per row."""
+        if not registry.use_kernels():
+            return fn(t, starts[0], cs)
+        return mx.concatenate([fn(t[i : i + 1], p0, None) for i, p0 in enumerate(starts)], axis=0)
+
+    def attend(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, cache: LayerCache, qat,
+               finished: bool = False) -> mx.array:
         """The position-dependent part at the cache's offset: q / kv norms and RoPE, compressor,
         indexer, sparse attention, cache pushes. q [B, L, H, D] and kv [B, L, D] are the raw
-        projections; returns the attention output [B, L, H, D], rotated back."""
+        projections; returns the attention output [B, L, H, D], rotated back. finished: q and kv
+        are already finished (finish_rows) and the output is left unrotated (the caller rotates it)."""
         a = self.args
         L = x.shape[1]
         start = cache.offset
         D, r = a.head_dim, a.rope_head_dim
         nope_fp8 = D - r if qat.simulate else 0  # qat.kv: FP8 on the non-RoPE channels, or nothing
         fr = self._freqs
-        cs = cos_sin(mx.arange(start, start + L), fr)  # one table for q, kv and the output (reference path)
-        # weightless per-head norm, then RoPE
-        q = rows_finish(q, fr, start, norm=True, eps=a.norm_eps, cs=cs)
-        kv = rows_finish(kv, fr, start, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps,
-                         fp8_nope=nope_fp8, cs=cs)
+        if not finished:
+            cs = cos_sin(mx.arange(start, start + L), fr)  # one table for q, kv and the output (reference path)
+            # weightless per-head norm, then RoPE
+            q = rows_finish(q, fr, start, norm=True, eps=a.norm_eps, cs=cs)
+            kv = rows_finish(kv, fr, start, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps,
+                             fp8_nope=nope_fp8, cs=cs)
 
         comp, idx = None, None
         if self.ratio:
@@ -113,4 +142,4 @@ class Attention(nn.Module):
                              a.window_size, D ** -0.5)
         cache.push_window(kv)
         cache.offset += L
-        return rows_finish(o, fr, start, inverse=True, cs=cs)
+        return o if finished else rows_finish(o, fr, start, inverse=True, cs=cs)

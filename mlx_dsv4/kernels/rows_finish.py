@@ -50,7 +50,8 @@ def rows_finish_reference(x, freqs, pos0: int, step: int = 1, *, norm=False, wei
     """Pure MLX, the model's own ops: x.astype(dtype), rms_norm, cos_sin + apply_rope, TrainedFormats.kv.
 
     cs: cos_sin of these positions when the caller shares one table across calls (attention's q, kv
-    and output rotate at the same positions), so a reference decode step builds it once, not thrice."""
+    and output rotate at the same positions), so a reference decode step builds it once, not thrice;
+    [L, R/2], or [B, L, R/2] for rows at their own positions (batch.py; pos0 is then unused)."""
     _check(x, freqs, weight, fp8_nope, step, dtype)
     y = x if dtype is None else x.astype(dtype)
     if norm:
@@ -58,8 +59,8 @@ def rows_finish_reference(x, freqs, pos0: int, step: int = 1, *, norm=False, wei
     L = x.shape[1]
     if freqs is not None:
         cos, sin = cs if cs is not None else cos_sin(mx.arange(pos0, pos0 + L * step, step), freqs)
-        if x.ndim == 4:
-            cos, sin = cos[:, None], sin[:, None]
+        if x.ndim == 4:  # one angle per position, shared by the heads ([L] or per batch row [B, L] tables)
+            cos, sin = cos[..., None, :], sin[..., None, :]
         y = apply_rope(y, cos, sin, inverse=inverse)
     return _FP8.kv(y, fp8_nope) if fp8_nope else y
 
