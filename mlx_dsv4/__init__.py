@@ -14,12 +14,13 @@ _EXPORTS = {
     "generate": "mlx_dsv4.generate",
     "stream_generate": "mlx_dsv4.generate",
     "GenerationResponse": "mlx_dsv4.generate",
+    "batch_generate": "mlx_dsv4.batch",
     "save_prompt_cache": "mlx_dsv4.prompt_cache",
     "load_prompt_cache": "mlx_dsv4.prompt_cache",
     "encode_messages": "mlx_dsv4.chat",
     "parse_completion": "mlx_dsv4.chat",
 }
-__all__ = ["GenerationResponse", "__version__", "encode_messages", "generate", "load", "load_prompt_cache",
+__all__ = ["GenerationResponse", "__version__", "batch_generate", "encode_messages", "generate", "load", "load_prompt_cache",
            "parse_completion", "save_prompt_cache", "stream_generate"]
 
 

@@ -95,7 +95,7 @@ def blocks(lang: str) -> list[str]:
 
 
 def test_the_readme_has_the_blocks_this_file_expects():
-    assert len(blocks("python")) == 2 and len(blocks("bash")) >= 5 and blocks("json") and blocks("toml")
+    assert len(blocks("python")) == 3 and len(blocks("bash")) >= 5 and blocks("json") and blocks("toml")
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +179,9 @@ def test_python_blocks_run(workdir, monkeypatch, capsys):
         code = re.sub(r"max_tokens=\d+", "max_tokens=8", code)
         exec(compile(code, "README.md", "exec"), ns)
     assert "finish: " in capsys.readouterr().out and ns["meta"][TOKENS_KEY] and ns["cache"][0].offset > len(ns["system"])
+    # the batch example: each prompt's text is its solo greedy text
+    m, tok = ns["model"], ns["tokenizer"]
+    assert ns["res"].texts[:2] == [ns["mlx_dsv4"].generate(m, tok, p, max_tokens=8) for p in ("def add(a, b):", "import os\n")]
 
 
 def test_config_blocks_parse():
