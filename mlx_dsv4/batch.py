@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .cache import LayerCache
-from .generate import GenerationResponse, Plan, _stream, prepare
+from .generate import GenerationResponse, Plan, _stream, prefill, prepare
 from .speculative import Emitted, processed_logprobs
 
 
@@ -87,8 +87,7 @@ class Row:
         start = self.fed
         end = min(self.fed + step, len(ids) - 1)
         if end > self.fed:
-            model(mx.array(ids[self.fed : end])[None], cache=self.plan.cache, last_only=True)
-            mx.eval([c.state for c in self.plan.cache])
+            prefill(model, ids[self.fed : end], self.plan.cache, end - self.fed)
             self.fed = end
         if self.fed == len(ids) - 1:
             done = len(ids) - self.plan.cached

@@ -82,16 +82,21 @@ def _check_sampling(temperature, top_p, top_k, min_p, repetition_penalty, vocab_
 
 
 def prefill(model, tokens: list[int], cache: list, step: int = 512,
-            progress: Callable[[int, int], None] | None = None) -> None:
-    """Run `tokens` through the cache in chunks of `step`, materialising the cache after each."""
+            progress: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> bool:
+    """Run `tokens` through the cache in chunks of `step`, materialising the cache after each.
+    should_stop() is polled before each chunk; returns False if it stopped the prefill."""
     if step < 1:
         raise ValueError(f"prefill_step_size must be >= 1, got {step}")
     for s in range(0, len(tokens), step):
+        if should_stop is not None and should_stop():
+            return False
         chunk = mx.array(tokens[s : s + step])[None]
         model(chunk, cache=cache, last_only=True)
         mx.eval([c.state for c in cache])
         if progress is not None:
             progress(min(s + step, len(tokens)), len(tokens))
+    return True
 
 
 def stream_generate(model, tokenizer, prompt: str | list[int] | mx.array, **kwargs) -> Iterator[GenerationResponse]:

@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 
 from ..batch import BatchGenerator
 from ..cache_size import cache_bytes
-from ..generate import stream_generate
+from ..generate import prefill, stream_generate
 
 DONE = object()  # emitted after a job's last response (or its error)
 
@@ -168,13 +168,9 @@ class Engine:
         job.cached = n
         cache = cache or self.model.make_cache()
         if len(toks) - n > 1:  # prefill all but the last prompt token, then snapshot
-            for s in range(n, len(toks) - 1, self.prefill_step):
-                if job.cancelled.is_set():
-                    job.finish_reason = "cancelled"
-                    return
-                self.model(mx.array(toks[s : min(s + self.prefill_step, len(toks) - 1)])[None], cache,
-                           last_only=True)
-                mx.eval([c.state for c in cache])
+            if not prefill(self.model, toks[n:-1], cache, self.prefill_step, should_stop=job.cancelled.is_set):
+                job.finish_reason = "cancelled"
+                return
             self.prefix.store(toks, cache)
         generated = []
         for r in stream_generate(self.model, self.tokenizer, toks, prompt_cache=cache,
