@@ -134,3 +134,20 @@ def test_admission_holds_requests_whose_caches_exceed_the_budget():
         with ThreadPoolExecutor(3) as ex:
             assert list(ex.map(run, msgs)) == got
     assert max(rec2.rows) >= 2
+
+
+def test_close_lets_the_requests_in_flight_finish():
+    """Engine.close() after submissions: every job still ends (its DONE arrives), none is dropped."""
+    from mlx_dsv4.server.engine import DONE, Engine
+
+    model, tok = tiny()
+    eng = Engine(model, tok, max_batch=2)
+    ends, events = [], {}
+    ids = [prompt_ids([{"role": "user", "content": f"close {i}"}]) for i in range(3)]
+    for i, p in enumerate(ids):
+        events[i] = []
+        eng.submit(p, {"max_tokens": 4, "temperature": 0.0},
+                   lambda item, i=i: ends.append(i) if item is DONE else events[i].append(item))
+    eng.close()
+    assert not eng.thread.is_alive() and sorted(ends) == [0, 1, 2]
+    assert ["".join(r.text for r in events[i]) for i in range(3)] == [oracle(p, 4)[0] for p in ids]

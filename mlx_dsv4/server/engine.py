@@ -188,15 +188,19 @@ class Engine:
     def _run_batched(self) -> None:
         gen = self._new_batch()
         live: dict[int, tuple] = {}  # uid -> (job, generated tokens, its generation plan)
+        closing = False  # close() was called: the jobs already submitted finish, then the thread ends
         while True:
             try:  # block for work only when nothing is in flight
-                while True:
+                while not closing:
                     job = self.jobs.get(block=not len(gen))
                     if job is None:
-                        return
-                    self._join(gen, job, live)
+                        closing = True
+                    else:
+                        self._join(gen, job, live)
             except queue.Empty:
                 pass
+            if closing and not len(gen):
+                return
             try:
                 events = gen.step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows; the worker lives on
