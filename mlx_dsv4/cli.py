@@ -87,12 +87,13 @@ ShowReasoningOpt = Annotated[bool, typer.Option("--show-reasoning/--hide-reasoni
 
 def sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, step,
              num_draft_tokens: int = 0) -> dict:
-    if not 0 < top_p <= 1:
-        fail(f"--top-p must satisfy 0 < top_p <= 1, got {top_p}", 2)
-    if repetition_penalty is not None and not repetition_penalty > 0:
-        fail(f"--repetition-penalty must be > 0, got {repetition_penalty}", 2)
-    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-            "min_p": min_p, "repetition_penalty": repetition_penalty, "seed": seed,
+    from .sampling import SamplingError, SamplingParams
+
+    try:
+        params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, seed).check()
+    except SamplingError as e:
+        fail(f"--{e.field.replace('_', '-')}: {e}", 2)
+    return {"max_tokens": max_tokens, **params.kwargs(),
             "stop": [unescape(s) for s in stop or []] or None, "prefill_step_size": step,
             "num_draft_tokens": num_draft_tokens}
 

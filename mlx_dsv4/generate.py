@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from .prompt_cache import load_prompt_cache, save_prompt_cache  # noqa: F401  (re-exported)
+from .sampling import SamplingParams
 from .speculative import Distribution, Emitted, Speculator, prefill_with_streams, processed_logprobs
 from .text_stream import Detokenizer, StopStrings
 
@@ -65,20 +66,6 @@ def prompt_tokens(tokenizer, prompt: str | list[int] | mx.array, vocab_size: int
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
     return ids
-
-
-def _check_sampling(temperature, top_p, top_k, min_p, repetition_penalty, vocab_size):
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not (isinstance(top_k, int) and 0 <= top_k):
-        raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
-    if not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
-    if repetition_penalty is not None and not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    return min(top_k, vocab_size - 1) if top_k else 0  # top_k >= vocab keeps everything anyway
 
 
 def prefill(model, tokens: list[int], cache: list, step: int = 512,
@@ -157,7 +144,8 @@ def prepare(model, tokenizer, prompt: str | list[int] | mx.array, *, max_tokens:
         raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
     if num_top_logprobs < 0:
         raise ValueError(f"num_top_logprobs must be >= 0, got {num_top_logprobs}")
-    top_k = _check_sampling(temperature, top_p, top_k, min_p, repetition_penalty, vocab)
+    SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty, seed).check()
+    top_k = min(top_k, vocab - 1) if top_k else 0  # top_k >= vocab keeps everything anyway
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     cached = cache[0].offset if cache else 0
     if cached >= len(ids):

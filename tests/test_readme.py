@@ -181,7 +181,8 @@ def test_python_blocks_run(workdir, monkeypatch, capsys):
     assert "finish: " in capsys.readouterr().out and ns["meta"][TOKENS_KEY] and ns["cache"][0].offset > len(ns["system"])
     # the batch example: each prompt's text is its solo greedy text
     m, tok = ns["model"], ns["tokenizer"]
-    assert ns["res"].texts[:2] == [ns["mlx_dsv4"].generate(m, tok, p, max_tokens=8) for p in ("def add(a, b):", "import os\n")]
+    solo = [ns["mlx_dsv4"].generate(m, tok, p, max_tokens=8) for p in ("def add(a, b):", "import os\n")]
+    assert ns["res"].texts[:2] == solo
 
 
 def test_config_blocks_parse():

@@ -3,6 +3,7 @@ parameters, and the mapping of each API's reasoning switches onto the model's th
 
 from __future__ import annotations
 
+from ..sampling import SamplingError, SamplingParams
 from .errors import RequestError
 
 _NAMES = {int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object",
@@ -42,14 +43,13 @@ def sampling(body: dict, *, max_keys: tuple[str, ...], limit: int, default_max: 
             break
     if n is not None:
         in_range(key, n, 1, limit)
-    t = in_range("temperature", get(body, "temperature", float, default_temperature), 0, max_temperature)
-    p = in_range("top_p", get(body, "top_p", float, 1.0), 0, 1, lo_open=True)
-    k = in_range("top_k", get(body, "top_k", int, 0), 0, 1 << 31)
-    min_p = in_range("min_p", get(body, "min_p", float, 0.0), 0, 1)
-    rep = get(body, "repetition_penalty", float)
-    if rep is not None and not 0 < rep <= 10:
-        raise RequestError(f"repetition_penalty must be in (0, 10], got {rep}", param="repetition_penalty")
-    seed = in_range("seed", get(body, "seed", int), 0, (1 << 64) - 1)
+    try:  # the rules are generation's (sampling.py); the API caps temperature and the penalty
+        sp = SamplingParams(float(get(body, "temperature", float, default_temperature)),
+                            float(get(body, "top_p", float, 1.0)), get(body, "top_k", int, 0),
+                            float(get(body, "min_p", float, 0.0)), get(body, "repetition_penalty", float),
+                            get(body, "seed", int)).check(max_temperature, max_repetition_penalty=10.0)
+    except SamplingError as e:
+        raise RequestError(str(e), param=e.field) from None
     stop_key = "stop_sequences" if "stop_sequences" in body else "stop"
     stop = body.get(stop_key)
     if isinstance(stop, str):
@@ -58,8 +58,7 @@ def sampling(body: dict, *, max_keys: tuple[str, ...], limit: int, default_max: 
                              or len(stop) > 16):
         raise RequestError(f"{stop_key} must be a non-empty string or an array of at most 16 of them",
                            param=stop_key)
-    return {"max_tokens": n if n is not None else default_max, "temperature": float(t), "top_p": float(p),
-            "top_k": k, "min_p": float(min_p), "repetition_penalty": rep, "seed": seed, "stop": stop or None}
+    return {"max_tokens": n if n is not None else default_max, **sp.kwargs(), "stop": stop or None}
 
 
 # DeepSeek's API: "none" turns thinking off; low / medium / high think at the standard ("high")
