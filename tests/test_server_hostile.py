@@ -467,19 +467,20 @@ def test_sigterm_ends_open_streams_within_the_grace(tmp_path):
         streams = {"/v1/chat/completions": {"messages": HELLO, "max_tokens": 5000, "stream": True},
                    "/v1/messages": {"messages": HELLO, "max_tokens": 5000, "stream": True}}
         lines = {route: [] for route in streams}
-        started = threading.Event()
+        started = {route: threading.Event() for route in streams}
 
         def read(route):
             with httpx.stream("POST", p.url + route, json=streams[route], timeout=120) as r:
                 for line in r.iter_lines():
                     lines[route].append(line)
                     if '"content"' in line or "text_delta" in line:
-                        started.set()
+                        started[route].set()
 
         readers = [threading.Thread(target=read, args=(route,)) for route in streams]
         for t in readers:
             t.start()
-        assert started.wait(120), p.log
+        # both streams open (decoded together, the first can be well under way before the second is read)
+        assert all(e.wait(120) for e in started.values()), p.log
         t0 = time.perf_counter()
         p.proc.send_signal(signal.SIGTERM)
         p.proc.wait(timeout=30)  # before: it waited for both streams to end (minutes)

@@ -17,11 +17,10 @@ import json
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 from ..chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallEnd, ToolCallStart
 from .errors import RequestError, sse_error
-from .output import Completion, sse
+from .output import Completion, event_stream, sse
 from .params import attach_tools, content, get, reasoning, sampling
 
 
@@ -220,20 +219,10 @@ def add_routes(app: FastAPI, srv) -> None:
         params = srv.budget(params, ids)
         out = MessageOutput(Completion(srv.tokenizer, mode, params["stop"]), srv.name, len(ids))
         if stream:
-            async def events():
-                yield out.start()
-                yield sse({"type": "ping"}, "ping")
-                try:
-                    async for r in srv.run(request, ids, params):
-                        for s in (out.feed(r) if r is not None else [sse({"type": "ping"}, "ping")]):
-                            yield s
-                except Exception as e:  # noqa: BLE001 - the 200 status is out: report in the stream
-                    yield sse(sse_error(request.url.path, f"{type(e).__name__}: {e}"), "error")
-                    return
-                for s in out.end():
-                    yield s
-
-            return StreamingResponse(events(), media_type="text/event-stream")
+            ping = sse({"type": "ping"}, "ping")
+            return event_stream(srv.run(request, ids, params), start=[out.start(), ping], feed=out.feed,
+                                keepalive=ping, error=lambda m: sse(sse_error(request.url.path, m), "error"),
+                                end=out.end)
         async for r in srv.run(request, ids, params):
             if r is not None:
                 out.feed(r)

@@ -14,11 +14,10 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 from ..chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallStart
 from .errors import RequestError, sse_error
-from .output import Completion, sse
+from .output import Completion, event_stream, sse
 from .params import attach_tools, content, get, in_range, reasoning, sampling
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -178,29 +177,22 @@ def add_routes(app: FastAPI, srv) -> None:
                                   "logprobs": {"content": lp} if lp else None}] if choices else []}
                 return sse(c)
 
-            async def events():
-                yield chunk({"role": "assistant", "content": ""})
-                try:
-                    async for r in srv.run(request, ids, params):
-                        if r is None:
-                            yield ": keepalive\n\n"
-                            continue
-                        lp = [logprob_entry(r)] if want_lp and r.token is not None else None
-                        for d in filter(None, map(delta_of, comp.feed(r))):
-                            yield chunk(d, lp=lp)
-                            lp = None
-                        if lp:
-                            yield chunk({}, lp=lp)
-                except Exception as e:  # noqa: BLE001 - the 200 status is out: report in the stream
-                    yield sse(sse_error(request.url.path, f"{type(e).__name__}: {e}"))
-                    return
-                yield chunk({}, _finish(comp))
-                if include_usage:
-                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": srv.name,
-                               "choices": [], "usage": _usage(comp)})
-                yield "data: [DONE]\n\n"
+            def feed(r) -> list[str]:
+                lp = [logprob_entry(r)] if want_lp and r.token is not None else None
+                out = []
+                for d in filter(None, map(delta_of, comp.feed(r))):
+                    out.append(chunk(d, lp=lp))
+                    lp = None
+                return out + ([chunk({}, lp=lp)] if lp else [])
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            def end() -> list[str]:
+                usage = [sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": srv.name,
+                              "choices": [], "usage": _usage(comp)})] if include_usage else []
+                return [chunk({}, _finish(comp)), *usage, "data: [DONE]\n\n"]
+
+            return event_stream(srv.run(request, ids, params), start=[chunk({"role": "assistant", "content": ""})],
+                                feed=feed, keepalive=": keepalive\n\n",
+                                error=lambda m: sse(sse_error(request.url.path, m)), end=end)
 
         text, reasoning_text, lps = "", "", []
         async for r in srv.run(request, ids, params):
@@ -272,22 +264,13 @@ def add_routes(app: FastAPI, srv) -> None:
             return "length" if comp.finish == "length" else "stop"
 
         if get(body, "stream", bool, False):
-            async def events():
-                try:
-                    async for r in srv.run(request, ids, params):
-                        if r is None:
-                            yield ": keepalive\n\n"
-                            continue
-                        comp.feed(r)
-                        if r.text:
-                            yield sse(choice(r.text, None))
-                except Exception as e:  # noqa: BLE001
-                    yield sse(sse_error(request.url.path, f"{type(e).__name__}: {e}"))
-                    return
-                yield sse(dict(choice("", finish()), usage=_usage(comp)))
-                yield "data: [DONE]\n\n"
+            def feed(r) -> list[str]:
+                comp.feed(r)
+                return [sse(choice(r.text, None))] if r.text else []
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return event_stream(srv.run(request, ids, params), start=[], feed=feed, keepalive=": keepalive\n\n",
+                                error=lambda m: sse(sse_error(request.url.path, m)),
+                                end=lambda: [sse(dict(choice("", finish()), usage=_usage(comp))), "data: [DONE]\n\n"])
 
         async for r in srv.run(request, ids, params):
             if r is not None:

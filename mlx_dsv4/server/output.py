@@ -21,6 +21,29 @@ from ..chat import (
 )
 
 
+def event_stream(run, *, start: list[str], feed, keepalive: str, error, end):
+    """The SSE loop every streaming route shares, as a StreamingResponse: the `start` events, then
+    feed(response) -> events for each GenerationResponse of `run` (an async iterator, srv.run), the
+    `keepalive` event during silences (None items), then end() -> events. A failure after the 200
+    status went out is reported in the stream by error(message) -> event, which ends it."""
+    from fastapi.responses import StreamingResponse
+
+    async def events():
+        for s in start:
+            yield s
+        try:
+            async for r in run:
+                for s in (feed(r) if r is not None else [keepalive]):
+                    yield s
+        except Exception as e:  # noqa: BLE001 - the 200 status is out: report in the stream
+            yield error(f"{type(e).__name__}: {e}")
+            return
+        for s in end():
+            yield s
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 def sse(data: dict, event: str | None = None) -> str:
     return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 

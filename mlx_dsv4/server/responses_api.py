@@ -13,11 +13,10 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 from ..chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallEnd, ToolCallStart
 from .errors import RequestError
-from .output import Completion, sse
+from .output import Completion, event_stream, sse
 from .params import attach_tools, content, get, reasoning, sampling
 
 
@@ -226,20 +225,13 @@ def add_routes(app: FastAPI, srv) -> None:
                 "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {}}
         out = ResponseOutput(Completion(srv.tokenizer, mode), base)
         if stream:
-            async def events():
-                yield out.ev("response.created", response=out.response("in_progress"))
-                try:
-                    async for r in srv.run(request, ids, params):
-                        for s in (out.feed(r) if r is not None else [": keepalive\n\n"]):
-                            yield s
-                except Exception as e:  # noqa: BLE001 - the 200 status is out: report in the stream
-                    yield out.ev("response.failed", response=out.response(
-                        "failed", error={"code": "server_error", "message": f"{type(e).__name__}: {e}"}))
-                    return
-                for s in out.end():
-                    yield s
+            def failed(message: str) -> str:
+                return out.ev("response.failed", response=out.response(
+                    "failed", error={"code": "server_error", "message": message}))
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return event_stream(srv.run(request, ids, params),
+                                start=[out.ev("response.created", response=out.response("in_progress"))],
+                                feed=out.feed, keepalive=": keepalive\n\n", error=failed, end=out.end)
         async for r in srv.run(request, ids, params):
             if r is not None:
                 out.feed(r)
