@@ -45,7 +45,8 @@ def world_group():
 
 def check_sharding(sharding: str) -> str:
     if sharding not in SHARDINGS:
-        raise ValueError(f"unknown sharding {sharding!r}; choose from {', '.join(SHARDINGS)}")
+        raise ValueError(f"unknown sharding {sharding!r}: this version splits models by {', '.join(SHARDINGS)} "
+                         "only (tensor / expert parallelism is not implemented)")
     return sharding
 
 
