@@ -50,19 +50,25 @@ def check_sharding(sharding: str) -> str:
     return sharding
 
 
-def tensor_bytes(weights: dict[str, mx.array], n_layers: int) -> tuple[int, list[int], int]:
-    """(bytes before the first layer, bytes of each layer, bytes after the last) of a weights
-    dict, from shapes and dtypes only: lazy arrays are not read."""
+def tensor_bytes(sizes: dict[str, int], n_layers: int) -> tuple[int, list[int], int]:
+    """{tensor name: bytes} -> (bytes before the first layer, bytes of each layer, bytes after
+    the last). Works on model and official names alike (mtp.* counts after the last layer)."""
     first, last, layers = 0, 0, [0] * n_layers
-    for name, w in weights.items():
+    for name, n in sizes.items():
         m = _LAYER.match(name)
         if m:
-            layers[int(m[1])] += w.nbytes
+            layers[int(m[1])] += n
         elif name.startswith("embed."):
-            first += w.nbytes
+            first += n
         else:
-            last += w.nbytes
+            last += n
     return first, layers, last
+
+
+def stage_bytes(first: int, layers: list[int], last: int, plan: list[range]) -> list[int]:
+    """Bytes each rank holds under `plan`."""
+    return [sum(layers[i] for i in r) + (first if s == 0 else 0) + (last if s == len(plan) - 1 else 0)
+            for s, r in enumerate(plan)]
 
 
 def plan_stages(first: int, layers: list[int], last: int, n: int) -> list[range]:

@@ -103,7 +103,8 @@ def plan_stage(group, args: ModelArgs, weights: dict[str, mx.array], sharding: s
 
     check_sharding(sharding)
     r = group.rank()
-    plan = plan_stages(*tensor_bytes(weights, args.n_layers), group.size())
+    # shapes and dtypes only: lazy arrays are not read
+    plan = plan_stages(*tensor_bytes({k: w.nbytes for k, w in weights.items()}, args.n_layers), group.size())
     return Stage(group, plan[r], None, Watchdog(r, timeout_from_env()))
 
 
