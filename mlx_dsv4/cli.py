@@ -375,6 +375,11 @@ def serve(
         fail("--api-key (or MLX_DSV4_API_KEY) is empty: give a non-empty key, or leave it out to serve without one",
              2)
 
+    from .distributed import launched
+
+    if launched() and os.environ.get("MLX_HOSTFILE"):
+        fail("serve under mlx.launch (a model split across Macs) is not available yet; generate and chat are")
+
     def run():
         try:
             from .server.app import serve as do_serve

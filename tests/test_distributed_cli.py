@@ -30,3 +30,8 @@ def test_unknown_sharding_is_one_line_error():
     p = subprocess.run([sys.executable, *ARGS, "--sharding", "tensor"], env=env(), capture_output=True, text=True,
                        timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert p.returncode == 1 and p.stderr.startswith("error: unknown sharding 'tensor'"), p.stderr
+
+
+def test_serve_under_mlx_launch_is_refused_clearly():
+    p = launch(2, [sys.executable, "-m", "mlx_dsv4", "serve", "--model", "tiny", "--port", "1"], timeout=120)
+    assert "error: serve under mlx.launch" in p.stderr and "Uvicorn running" not in p.stderr, p.stderr[-2000:]
