@@ -1,6 +1,6 @@
 """One rank of the distributed tests, started by mlx.launch (see test_distributed.py).
 
-argv: checkpoint dir, work dir (holding tokens.npy), sharding. Writes rank{r}.npz: the logits of a
+argv: checkpoint dir, work dir (holding tokens.npy), sharding[, "break"]. Writes rank{r}.npz: the logits of a
 full prefill, a chunked prefill and a token-by-token decode, and the number of parameters held.
 """
 
@@ -14,6 +14,11 @@ from mlx_dsv4.distributed import world_group
 from mlx_dsv4.load import load
 
 ckpt, work, sharding = sys.argv[1:4]
+if sys.argv[4:] == ["break"]:  # negative control: the streams arrive halved at every stage but the first
+    from mlx_dsv4.distributed import Stage
+
+    _receive = Stage.receive
+    Stage.receive = lambda self, shape: _receive(self, shape) * 0.5
 CHUNK, PREFILL = 50, 120  # chunked prefill in 3 pieces; decode the rest one token at a time
 
 group = world_group()

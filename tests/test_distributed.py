@@ -38,10 +38,10 @@ def case(request, tmp_path_factory):
     return kind, root, toks, hf_logits(hf_model(cfg, w), toks), total
 
 
-def _run(case, n, tmp_path, sharding="pipeline"):
+def _run(case, n, tmp_path, sharding="pipeline", *extra):
     kind, root, toks, ref, total = case
     np.save(tmp_path / "tokens.npy", toks)
-    p = launch(n, ["python", "tests/dist_worker.py", str(root), str(tmp_path), sharding], timeout=400)
+    p = launch(n, ["python", "tests/dist_worker.py", str(root), str(tmp_path), sharding, *extra], timeout=400)
     assert p.returncode == 0 and "WARN" not in p.stderr, p.stderr[-3000:]
     return [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(n)]
 
@@ -62,3 +62,11 @@ def test_pipeline_matches_transformers(case, n, tmp_path):
     print(f"{kind} pipeline N={n}: layers {layers}, parameter share per rank {[f'{s:.3f}' for s in shares]}")
     assert sum(shares) == pytest.approx(1.0), "pipeline replicates nothing"
     assert max(shares) <= 1.3 / n, shares
+
+
+@pytest.mark.parametrize("case", ["flash"], indirect=True)
+def test_negative_control_corrupted_transport(case, tmp_path):
+    """Streams halved on arrival at stage 2: every rank's logits must miss the oracle widely."""
+    ref = case[3]
+    for r, out in enumerate(_run(case, 2, tmp_path, "pipeline", "break")):
+        assert rel_err(out["full"], ref) > 100 * TOL, f"rank {r}: the break went unnoticed"
