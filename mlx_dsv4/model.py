@@ -104,7 +104,8 @@ class Model(HCHead):
             self.embed = nn.Embedding(args.vocab_size, args.dim)
         self.layers = [Block(args, i, i < args.n_hash_layers, streamed_experts) if i in self.owned else Remote()
                        for i in range(args.n_layers)]
-        self.mtp = [MTPBlock(args, args.n_layers + i, streamed_experts) for i in range(args.n_mtp_layers)] if last else []
+        n_mtp = args.n_mtp_layers if last else 0
+        self.mtp = [MTPBlock(args, args.n_layers + i, streamed_experts) for i in range(n_mtp)]
         if last:
             self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
             self._init_head(args)

@@ -10,7 +10,6 @@ the embedding and head, hold most bytes, as in the real models.
 
 import json
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
