@@ -35,8 +35,9 @@ def fail(message: str, code: int = 1):
 def user_errors():
     """The exception types that mean bad input (not a bug): shown as one line."""
     from .checkpoint.errors import CheckpointError
+    from .watchdog import DistributedError
 
-    return (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError)
+    return (ValueError, CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError, DistributedError)
 
 
 def run_guarded(fn, *args, **kwargs):
@@ -81,6 +82,8 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="print load ti
 ExpertMemOpt = Annotated[float | None, typer.Option(
     "--expert-memory-gb", help="stream the routed experts from the checkpoint files, holding at most this many "
     "GB of them in memory (same output; slower when they miss)")]
+ShardingOpt = Annotated[str, typer.Option("--sharding", help="under mlx.launch: how the model is split "
+                                          "across the ranks (pipeline: contiguous layer stages)")]
 ShowReasoningOpt = Annotated[bool, typer.Option("--show-reasoning/--hide-reasoning",
                                                 help="print the reasoning of --thinking (apart from the answer)")]
 
@@ -158,16 +161,24 @@ def check_expert_memory(gb: float | None) -> None:
 
 
 def load_model(name: str, verbose: bool, explicit: bool = True, yes: bool = False,
-               expert_memory_gb: float | None = None):
+               expert_memory_gb: float | None = None, sharding: str = "pipeline"):
+    """Started by mlx.launch, every rank loads its share of the model and runs the same steps;
+    rank 0 alone prints (the others' stdout goes nowhere: mlx.launch would interleave it)."""
     import time
 
+    from .distributed import check_sharding, world_group
     from .load import load
+
+    check_sharding(sharding)
+    group = world_group()
+    if group is not None and group.rank() != 0:
+        sys.stdout = open(os.devnull, "w")
 
     if name not in ("tiny", "tiny-random") and not Path(name).expanduser().exists() and "/" not in name:
         fail(f"model {name!r} is neither a directory, a Hugging Face repo id (owner/name), nor 'tiny'")
     confirm_download(name, explicit, yes)
     t = time.perf_counter()
-    model, tokenizer = load(name, expert_memory_gb=expert_memory_gb)
+    model, tokenizer = load(name, expert_memory_gb=expert_memory_gb, group=group, sharding=sharding)
     if verbose:
         typer.echo(f"loaded {name} in {time.perf_counter() - t:.1f} s", err=True)
     return model, tokenizer
@@ -189,6 +200,7 @@ def generate(
         "prompt, else all but the last token) on the first run, reused by later runs")] = None,
     prefill_step_size: StepOpt = 512, show_reasoning: ShowReasoningOpt = True, verbose: VerboseOpt = False,
     yes: YesOpt = False, expert_memory_gb: ExpertMemOpt = None, num_draft_tokens: DraftOpt = 0,
+    sharding: ShardingOpt = "pipeline",
 ):
     """Generate a reply to one prompt and print it as it streams."""
     check_expert_memory(expert_memory_gb)
@@ -210,14 +222,17 @@ def generate(
     opts = sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, prefill_step_size,
                     num_draft_tokens)
     run_guarded(_generate, prompt, model, system, mode, effort, raw, opts, prompt_cache_file, show_reasoning, verbose,
-                yes, expert_memory_gb)
+                yes, expert_memory_gb, sharding)
 
 
 def _generate(prompt, model_name, system, mode, effort, raw, opts, cache_file, show_reasoning, verbose, yes=False,
-              expert_memory_gb=None):
+              expert_memory_gb=None, sharding="pipeline"):
     from .repl import Display, encode_turns, progress_bar
 
-    model, tok = load_model(model_name or DEFAULT_MODEL, verbose, model_name is not None, yes, expert_memory_gb)
+    model, tok = load_model(model_name or DEFAULT_MODEL, verbose, model_name is not None, yes, expert_memory_gb,
+                            sharding)
+    if cache_file is not None and model.stage is not None:
+        fail("--prompt-cache-file cannot be used with a model split across ranks (each rank caches only its layers)")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if raw:
         ids = tok.encode(prompt, add_special_tokens=False)
@@ -272,7 +287,7 @@ def chat(
     top_p: TopPOpt = 1.0, top_k: TopKOpt = 0, min_p: MinPOpt = 0.0, repetition_penalty: RepOpt = None,
     seed: SeedOpt = None, stop: StopOpt = None, prefill_step_size: StepOpt = 512,
     show_reasoning: ShowReasoningOpt = True, verbose: VerboseOpt = False, yes: YesOpt = False,
-    expert_memory_gb: ExpertMemOpt = None, num_draft_tokens: DraftOpt = 0,
+    expert_memory_gb: ExpertMemOpt = None, num_draft_tokens: DraftOpt = 0, sharding: ShardingOpt = "pipeline",
 ):
     """An interactive chat with history. One message per line; /reset clears the history, /exit ends."""
     check_expert_memory(expert_memory_gb)
@@ -283,7 +298,8 @@ def chat(
     def session():
         from .repl import ChatSession
 
-        m, tok = load_model(model or DEFAULT_MODEL, verbose, model is not None, yes, expert_memory_gb)
+        # under mlx.launch every rank reads the same lines: mlx.launch copies its stdin to each
+        m, tok = load_model(model or DEFAULT_MODEL, verbose, model is not None, yes, expert_memory_gb, sharding)
         ChatSession(m, tok, system, mode, effort, opts, show_reasoning, verbose).run(sys.stdin, sys.stdout)
 
     run_guarded(session)
@@ -364,6 +380,11 @@ def serve(
     if api_key is not None and not api_key.strip():
         fail("--api-key (or MLX_DSV4_API_KEY) is empty: give a non-empty key, or leave it out to serve without one",
              2)
+
+    from .distributed import launched
+
+    if launched() and os.environ.get("MLX_HOSTFILE"):
+        fail("serve under mlx.launch (a model split across Macs) is not available yet; generate and chat are")
 
     def run():
         try:

@@ -51,15 +51,19 @@ def to_model_layout(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, 
 
 
 def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype=None, simulate_qat: bool = True,
-                quantization: dict | None = None, streamed_experts: bool = False) -> Model:
+                quantization: dict | None = None, streamed_experts: bool = False, stage=None) -> Model:
     """Instantiate the model and load `weights` (model layout) strictly: every tensor must match.
 
     `quantization` (a converted config's per-module {group_size, bits, mode} entries) selects
     which modules become quantized before loading; packed weights and scales keep their dtype.
     streamed_experts: the routed experts are not parameters (weights must not hold them).
+    stage (distributed.Stage): build only this pipeline rank's part; `weights` may hold more (the
+    rest stays unread, as lazy arrays are only read when evaluated).
     """
     dtype = dtype or mx.bfloat16
-    model = Model(args, simulate_qat=simulate_qat, streamed_experts=streamed_experts)
+    model = Model(args, simulate_qat=simulate_qat, streamed_experts=streamed_experts, stage=stage)
+    if stage is not None:
+        weights = {k: v for k, v in weights.items() if stage.owns(k)}
     if quantization:
         per_module = {k: v for k, v in quantization.items() if isinstance(v, dict)}
         nn.quantize(model, class_predicate=lambda path, _m: per_module.get(path, False))
@@ -82,7 +86,26 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype=None, simul
             cast[name] = w.astype(dtype)
     model.update(tree_unflatten(list(cast.items())))
     model.eval()
+    if stage is not None:  # rank 0 holds the embedding, so it knows the streams' dtype
+        from .distributed import agree_stream_dtype
+
+        e = model.embed(mx.zeros((1, 1), dtype=mx.int32)).dtype if stage.first else None  # lazy: not run
+        stage.stream_dtype = agree_stream_dtype(stage.group, e)
     return model
+
+
+def plan_stage(group, args: ModelArgs, weights: dict[str, mx.array], sharding: str = "pipeline"):
+    """This rank's distributed.Stage for a model split across `group` (None: not split)."""
+    if group is None or group.size() == 1:
+        return None
+    from .distributed import Stage, check_sharding, plan_stages, tensor_bytes, timeout_from_env
+    from .watchdog import Watchdog
+
+    check_sharding(sharding)
+    r = group.rank()
+    # shapes and dtypes only: lazy arrays are not read
+    plan = plan_stages(*tensor_bytes({k: w.nbytes for k, w in weights.items()}, args.n_layers), group.size())
+    return Stage(group, plan[r], None, Watchdog(r, timeout_from_env()))
 
 
 def _read_official_dir(path: Path) -> dict[str, mx.array]:
@@ -116,12 +139,19 @@ def _is_official_unquantized(path: Path) -> bool:
 
 
 def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: int = 0,
-         revision: str | None = None, expert_memory_gb: float | None = None):
+         revision: str | None = None, expert_memory_gb: float | None = None, group=None,
+         sharding: str = "pipeline"):
     """(model, tokenizer) from "tiny" (trained), "tiny-random", a converted MLX directory, an official directory (FP8/FP4
     converted lazily on the fly, or unquantized) or a Hugging Face repo id. Weights load lazily.
 
     expert_memory_gb: stream the routed experts from the checkpoint files, holding at most this many
-    GB of them (an LRU; model.expert_store reports hits and bytes read). Same logits as resident."""
+    GB of them (an LRU; model.expert_store reports hits and bytes read). Same logits as resident.
+
+    group (an mx.distributed group of size > 1, e.g. distributed.world_group()): this rank builds
+    and reads only its share of the model (sharding "pipeline": a contiguous stage of layers, see
+    distributed.py); model(tokens, cache) still returns the full logits on every rank."""
+    if group is not None and group.size() > 1 and expert_memory_gb is not None:
+        raise ValueError("expert streaming and a model split across ranks cannot be combined yet")
     if expert_memory_gb is not None:
         from .expert_store import check_budget
 
@@ -138,7 +168,8 @@ def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: 
 
         args = from_hf_config(tiny_hf_config("flash"))
         w = {k: mx.array(v) for k, v in random_weights(args, seed).items()}
-        model = build_model(args, to_model_layout(w, args), dtype or mx.float32, simulate_qat)
+        w = to_model_layout(w, args)
+        model = build_model(args, w, dtype or mx.float32, simulate_qat, stage=plan_stage(group, args, w, sharding))
         return model, load_tokenizer(None)
     path = Path(path_or_name)
     if path.is_dir() and (path / "config.json").exists() and _is_official_unquantized(path):
@@ -147,7 +178,8 @@ def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: 
                              "official FP8/FP4 checkpoint")
         args, _ = load_config(path)
         weights = to_model_layout(_read_official_dir(path), args)
-        return build_model(args, weights, dtype, simulate_qat), load_tokenizer(path)
+        stage = plan_stage(group, args, weights, sharding)
+        return build_model(args, weights, dtype, simulate_qat, stage=stage), load_tokenizer(path)
     from .checkpoint import load_weights
     from .checkpoint.hub import resolve_source
 
@@ -161,7 +193,8 @@ def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: 
         store = open_expert_store(root, cfg, expert_memory_gb, dtype or mx.bfloat16, args.n_activated_experts)
     if store is not None:  # the experts stay in the files: their lazy arrays are dropped unread
         weights = {k: v for k, v in weights.items() if ".ffn.experts." not in k}
-    model = build_model(args, to_model_layout(weights, args), dtype, simulate_qat, cfg.get("quantization"),
-                        streamed_experts=store is not None)
+    weights = to_model_layout(weights, args)
+    model = build_model(args, weights, dtype, simulate_qat, cfg.get("quantization"),
+                        streamed_experts=store is not None, stage=plan_stage(group, args, weights, sharding))
     model.expert_store = store
     return model, load_tokenizer(root)

@@ -81,46 +81,66 @@ class MTPBlock(Block, HCHead):
         return super().__call__(X, next_tokens, cache, qat, experts)
 
 
+class Remote(nn.Module):
+    """A layer held by another rank (pipeline mode): no parameters here."""
+
+
 class Model(HCHead):
     """streamed_experts=True: the routed experts are no parameters; `expert_store` (an
-    expert_store.ExpertStore, attached by load) reads them from the checkpoint on demand."""
+    expert_store.ExpertStore, attached by load) reads them from the checkpoint on demand.
+    stage (a distributed.Stage): this rank holds only its pipeline stage's layers, plus the
+    embedding on the first rank and hc_head / norm / head / MTP on the last; parameter names stay
+    global (layers.7.* is layers.7.* on whichever rank holds it)."""
 
-    def __init__(self, args: ModelArgs, simulate_qat: bool = True, streamed_experts: bool = False):
+    def __init__(self, args: ModelArgs, simulate_qat: bool = True, streamed_experts: bool = False, stage=None):
         super().__init__()
         self.args = args
         self.qat = TrainedFormats(simulate_qat)
         self.expert_store = None
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = [Block(args, i, i < args.n_hash_layers, streamed_experts) for i in range(args.n_layers)]
-        self.mtp = [MTPBlock(args, args.n_layers + i, streamed_experts) for i in range(args.n_mtp_layers)]
-        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self._init_head(args)
+        self.stage = stage
+        self.owned = stage.layers if stage is not None else range(args.n_layers)
+        first, last = stage is None or stage.first, stage is None or stage.last
+        if first:
+            self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = [Block(args, i, i < args.n_hash_layers, streamed_experts) if i in self.owned else Remote()
+                       for i in range(args.n_layers)]
+        n_mtp = args.n_mtp_layers if last else 0
+        self.mtp = [MTPBlock(args, args.n_layers + i, streamed_experts) for i in range(n_mtp)]
+        if last:
+            self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+            self._init_head(args)
 
     def make_cache(self, compact: bool | None = None) -> list[LayerCache]:
-        """One LayerCache per layer. compact (default: simulate_qat) stores compressed entries and
-        indexer keys in the trained FP8 / FP4 formats: lossless, as the simulation rounds to them."""
+        """One LayerCache per layer this rank holds (all of them in one process). compact
+        (default: simulate_qat) stores compressed entries and indexer keys in the trained FP8 /
+        FP4 formats: lossless, as the simulation rounds to them."""
         compact = self.qat.simulate if compact is None else compact
         if compact and not self.qat.simulate:
             raise ValueError("a compact cache needs simulate_qat=True (otherwise storage would round values)")
         a = self.args
-        return [LayerCache(a.ratio(i), a.window_size, compact, a.nope_head_dim) for i in range(a.n_layers)]
+        return [LayerCache(a.ratio(i), a.window_size, compact, a.nope_head_dim) for i in self.owned]
 
     def make_mtp_cache(self) -> list[LayerCache]:
         a = self.args
         return [LayerCache(a.ratio(a.n_layers + i), a.window_size) for i in range(len(self.mtp))]
 
     def hidden_streams(self, tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
-        """tokens [B, L] -> final residual streams [B, L, hc, d] (before hc_head)."""
+        """tokens [B, L] -> final residual streams [B, L, hc, d] (before hc_head); on a pipeline
+        rank, the streams after its own layers (fed by the previous rank's)."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
         if cache is None:
             cache = self.make_cache()
-        if len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
-        e = self.embed(tokens)
-        X = mx.broadcast_to(e[:, :, None, :], (*e.shape[:2], self.args.hc_mult, e.shape[-1]))
-        for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            X = layer(X, tokens, c, self.qat, self._experts(f"layers.{i}"))
+        if len(cache) != len(self.owned):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.owned)}")
+        a = self.args
+        if self.stage is not None and not self.stage.first:
+            X = self.stage.receive((*tokens.shape, a.hc_mult, a.dim))
+        else:
+            e = self.embed(tokens)
+            X = mx.broadcast_to(e[:, :, None, :], (*e.shape[:2], a.hc_mult, e.shape[-1]))
+        for i, c in zip(self.owned, cache):
+            X = self.layers[i](X, tokens, c, self.qat, self._experts(f"layers.{i}"))
         return X
 
     def _experts(self, block: str):
@@ -142,13 +162,27 @@ class Model(HCHead):
         out = []
         for s in range(0, L, chunk):
             X = self.hidden_streams(tokens[:, s : s + chunk], cache)
-            if last_only and s + chunk < L:
+            wanted = not (last_only and s + chunk < L)
+            if self.stage is not None:
+                if wanted:
+                    out.append(self._stage_logits(X, cache, last_only))
+                else:
+                    self.stage.finish(X, None, None, cache)
+                continue
+            if not wanted:
                 mx.eval(X, [c.state for c in cache])  # materialise this chunk before the next
                 continue
             out.append(self.logits(self.collapse(X[:, -1:] if last_only else X)))
             if s + chunk < L:
                 mx.eval(out[-1], [c.state for c in cache])
         return out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
+
+    def _stage_logits(self, X: mx.array, cache: list[LayerCache], last_only: bool) -> mx.array:
+        """Pipeline: the last stage computes the logits, every rank receives them (evaluated)."""
+        B, L = X.shape[:2]
+        shape = (B, 1 if last_only else L, self.args.vocab_size)
+        y = self.logits(self.collapse(X[:, -1:] if last_only else X)) if self.stage.last else None
+        return self.stage.finish(X, y, shape, cache)
 
     def mtp_logits(self, h: mx.array, next_tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
         """Draft logits of the MTP block: h [B, L, hc, d] streams at positions i, next_tokens the

@@ -32,6 +32,7 @@ SKIP = {  # line pattern -> why it cannot run in the test suite
     r"^bash scripts/test\.sh$": "runs this very test suite",
     r"^mlx_dsv4 serve\b": "starts a server that runs until stopped (tests/test_server_*.py cover it)",
     r"^claude$": "Claude Code is not installed here",
+    r"^mlx\.launch --hostfile\b": "needs several Macs (tests/test_distributed*.py run mlx.launch on 127.0.0.1)",
     r"^python -m mlx_dsv4\.train_tiny\b": "trains for an hour (tests/test_train_tiny.py runs the recipe in small)",
 }
 STRIP = {r"^pip install -e \. && ": "the package is installed already (and the network is not used)"}
