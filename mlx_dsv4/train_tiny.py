@@ -236,8 +236,9 @@ def train_step(model, params: dict, rules: dict, tokens: mx.array, vocab_np: np.
         return trunk(model, tokens[0]), other
 
     (hc, d), other = heads(params)
-    mx.eval(hc, d, other, model.head.weight)
-    w = np.array(model.head.weight)[vocab_np]
+    w = model.head.weight[mx.array(vocab_np)]  # only the training vocabulary's rows leave MLX
+    mx.eval(hc, d, other, w)
+    w = np.array(w)
     other_np = np.array(other)
     dims = hc.shape
     out = []
