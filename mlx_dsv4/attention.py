@@ -23,18 +23,23 @@ from .rope import cos_sin, inv_freq
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs, layer: int, shard=None):
+        """shard (distributed.TensorShard): hold only its output groups' heads; the output is then
+        this rank's partial sum, completed by one all_sum (KV, compressor and indexer stay whole)."""
         super().__init__()
         self.args = args
         self.ratio = args.ratio(layer)
-        d, H, D = args.dim, args.n_heads, args.head_dim
+        self.shard = shard
+        self.o_groups = args.o_groups if shard is None else len(shard.o_groups)
+        self.n_heads = args.n_heads // args.o_groups * self.o_groups
+        d, H, D = args.dim, self.n_heads, args.head_dim
         self.wq_a = nn.Linear(d, args.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
         self.wq_b = nn.Linear(args.q_lora_rank, H * D, bias=False)
         self.wkv = nn.Linear(d, D, bias=False)
         self.kv_norm = RMSNorm(D, args.norm_eps)
-        self.wo_a = nn.Linear(H * D // args.o_groups, args.o_groups * args.o_lora_rank, bias=False)
-        self.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, d, bias=False)
+        self.wo_a = nn.Linear(args.n_heads * D // args.o_groups, self.o_groups * args.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(self.o_groups * args.o_lora_rank, d, bias=False)
         self.attn_sink = mx.zeros((H,), dtype=mx.float32)
         if self.ratio:
             self.compressor = Compressor(d, D, self.ratio, args.norm_eps)
@@ -47,7 +52,7 @@ class Attention(nn.Module):
 
         wo_a's rows are split into G groups; packing runs along the inputs, so this split is
         valid for quantized weights too (reshaping across the input axis would not be)."""
-        G, R = self.args.o_groups, self.args.o_lora_rank
+        G, R = self.o_groups, self.args.o_lora_rank
         B, L, _ = o.shape
         og = o.reshape(B, L, G, 1, -1)
         wo_a = self.wo_a
@@ -67,7 +72,7 @@ class Attention(nn.Module):
         a = self.args
         B, L, _ = x.shape
         qr = rows_finish(self.wq_a(x), None, 0, norm=True, weight=self.q_norm.weight, eps=self.q_norm.eps)
-        q, kv = self.wq_b(qr).reshape(B, L, a.n_heads, a.head_dim), self.wkv(x)
+        q, kv = self.wq_b(qr).reshape(B, L, self.n_heads, a.head_dim), self.wkv(x)
         rows = getattr(cache, "rows", None)
         if rows is None:
             o = self.attend(x, qr, q, kv, cache, qat)
@@ -79,7 +84,8 @@ class Attention(nn.Module):
             o = mx.concatenate([self.attend(x[i : i + 1], qr[i : i + 1], q[i : i + 1], kv[i : i + 1], c, qat,
                                             finished=True) for i, c in enumerate(rows)], axis=0)
             o = self._finish(o, starts, lambda t, p0, c: rows_finish(t, self._freqs, p0, inverse=True, cs=c), cs)
-        return self.grouped_out(o.reshape(B, L, a.n_heads * a.head_dim))
+        y = self.grouped_out(o.reshape(B, L, self.n_heads * a.head_dim))
+        return y if self.shard is None else self.shard.all_sum(y)
 
     def finish_rows(self, q: mx.array, kv: mx.array, starts: list[int], qat):
         """q / kv norms, RoPE at each row's own positions and kv's FP8 rounding, for all rows at once: the

@@ -1,10 +1,35 @@
-"""Splitting V4 across Macs with mx.distributed: the world group, the pipeline stage plan and
-which checkpoint tensors a rank reads.
+"""Splitting V4 across Macs with mx.distributed: the world group, the two ways to split a model
+and which checkpoint tensors (or slices of them) a rank reads.
 
 Pipeline mode: rank r holds a contiguous run of layers. Stages are balanced by the bytes they hold,
 with the embedding on the first rank and everything after the last layer (hc_head, norm, head,
 MTP) on the last, so each rank reads and keeps about 1/N of the checkpoint. The transport between
-stages is MLX's own (send / recv / all_sum on the group mlx.launch set up): see pipeline.py.
+stages is MLX's own (send / recv / all_sum on the group mlx.launch set up): see Stage.
+
+Tensor mode (TensorShard): every rank runs every layer on its slice of the weights, and two
+all_sums per layer rebuild the full output (one after the attention, one after the MoE).
+- Attention is split by output group: V4's wo_a is block-diagonal over o_groups groups of heads,
+  then wo_b is dense, so sum over ranks of wo_b[:, my groups] . wo_a[my groups] . o[my heads] is
+  the full output. A rank holds its groups' query heads (wq_b rows, attn_sink entries), their wo_a
+  rows and the matching input columns of wo_b.
+- Replicated in the attention: wkv, kv_norm, the Compressor and the Indexer. V4 has one K = V head
+  (MQA) that all heads read, and the indexer's top-k picks the compressed entries every head sees,
+  so every rank needs the full KV cache and the same selection: splitting them would cost one
+  all_gather per layer for tensors smaller than the all_sum's. wq_a / q_norm (the query's low-rank
+  input, shared by all heads and by the indexer) are replicated too.
+- Routed experts: a rank holds a contiguous run of ~E/N experts. The gate (weights, bias, hash
+  table) is replicated, so every rank routes every token identically and computes only its own
+  experts' terms (the others' weights are zeroed). The shared expert is split along its
+  intermediate dimension (w1 / w3 rows, w2 columns): a SwiGLU is a sum over its intermediate
+  units, so the slices add up exactly. The shared and routed partials meet in one all_sum.
+- Embedding, mHC, norms, hc_head and head are replicated (the head is one matrix read per token;
+  sharding the vocabulary would add an all_gather of the logits to save ~1.9 GB per Mac).
+  Every rank computes the same logits and keeps the full LayerCache (the KV is replicated).
+- Uneven splits: groups, experts and shared-expert units go to ranks in contiguous runs as even as
+  possible (the first ranks take one more). Every rank must hold at least one output group and one
+  expert (so at most o_groups ranks: 8 for Flash, 16 for Pro); the shared expert is cut at the
+  quantization group size of its w2 (packed inputs cannot be split inside a group), and a rank may
+  hold none of it.
 """
 
 from __future__ import annotations
@@ -17,8 +42,10 @@ import mlx.core as mx
 
 from .watchdog import Watchdog, on_termination
 
-SHARDINGS = ("pipeline",)
+SHARDINGS = ("pipeline", "tensor")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
+# tensors tensor mode splits: (attention projection | routed / shared expert projection)
+_SPLIT = re.compile(r"^(?:layers|mtp)\.\d+\.(?:attn\.(wq_b|wo_a|wo_b|attn_sink)|ffn\.(experts|shared_experts)\.(w[123]))(?:\.|$)")
 TIMEOUT_ENV = "MLX_DSV4_DIST_TIMEOUT"  # seconds a rank may wait inside one model call
 DEFAULT_TIMEOUT = 300.0  # one prefill chunk of the slowest stage on a Mac, with a wide margin
 
@@ -45,8 +72,8 @@ def world_group():
 
 def check_sharding(sharding: str) -> str:
     if sharding not in SHARDINGS:
-        raise ValueError(f"unknown sharding {sharding!r}: this version splits models by {', '.join(SHARDINGS)} "
-                         "only (tensor / expert parallelism is not implemented)")
+        raise ValueError(f"unknown sharding {sharding!r}: choose pipeline (contiguous layer stages) or tensor "
+                         "(heads and experts split inside every layer)")
     return sharding
 
 
@@ -155,6 +182,100 @@ class Stage:
             y = mx.distributed.all_sum(logits if self.last else mx.zeros(shape, mx.float32), group=self.group)
             mx.eval(y)
         return y
+
+
+def even_split(total: int, n: int, r: int) -> range:
+    """Rank r's contiguous run of `total` units split n ways as evenly as possible (first ranks +1)."""
+    q, m = divmod(total, n)
+    start = r * q + min(r, m)
+    return range(start, start + q + (r < m))
+
+
+@dataclass
+class TensorShard:
+    """This rank's slice of every layer in tensor mode (see the module docstring): its output groups,
+    its routed experts and its rows of the shared expert's intermediate dimension. `calls` / `sent`
+    count the all_sums issued and their bytes (per rank), for the benchmark."""
+
+    group: object
+    args: object  # config.ModelArgs
+    o_groups: range
+    experts: range
+    shared: range
+    watchdog: Watchdog
+    calls: int = 0
+    sent: int = 0
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank()
+
+    @property
+    def size(self) -> int:
+        return self.group.size()
+
+    def all_sum(self, x: mx.array) -> mx.array:
+        self.calls += 1
+        self.sent += x.nbytes
+        return mx.distributed.all_sum(x, group=self.group)
+
+    def part(self, name: str) -> tuple[int, range, int] | None:
+        """(axis, this rank's range, total units along it) of a split tensor; None: replicated."""
+        m = _SPLIT.match(name)
+        if m is None:
+            return None
+        a = self.args
+        if m[1]:
+            return (-1 if m[1] == "wo_b" else 0), self.o_groups, a.o_groups
+        if m[2] == "experts":
+            return 0, self.experts, a.n_routed_experts
+        return (-1 if m[3] == "w2" else 0), self.shared, a.moe_inter_dim
+
+    def select(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """{model name: full tensor} -> this rank's tensors: split ones sliced (a gather, so the full
+        tensor is not kept alive), replicated ones as they are. Stacked routed experts may arrive
+        already cut to this rank's experts (the loaders stack only those)."""
+        out = {}
+        for name, w in weights.items():
+            p = self.part(name)
+            if p is None:
+                out[name] = w
+                continue
+            axis, own, total = p
+            n = w.shape[axis]
+            if not own:
+                continue  # e.g. no unit of the shared expert on this rank
+            if own is self.experts and n == len(own) < total:  # stacked for this rank's experts only
+                out[name] = w
+                continue
+            if (n * own.start) % total or (n * own.stop) % total:
+                raise ValueError(f"{name}: cannot cut {n} entries along axis {axis} into {total} parts at "
+                                 f"[{own.start}, {own.stop}) (quantization groups would be split)")
+            out[name] = mx.take(w, mx.arange(n * own.start // total, n * own.stop // total), axis=axis)
+        return out
+
+
+def tensor_experts(group, args) -> range:
+    """The routed experts this rank holds in tensor mode (the loaders read only these)."""
+    n = group.size()
+    if n > min(args.o_groups, args.n_routed_experts):
+        raise ValueError(f"tensor sharding needs an output group and a routed expert per rank: this model has "
+                         f"{args.o_groups} groups and {args.n_routed_experts} experts, not enough for {n} ranks "
+                         "(use fewer ranks or --sharding pipeline)")
+    return even_split(args.n_routed_experts, n, group.rank())
+
+
+def plan_tensor(group, args, quantization: dict | None, timeout: float) -> TensorShard:
+    """This rank's TensorShard. The shared expert is cut in units of its w2's quantization group size."""
+    n, r = group.size(), group.rank()
+    own_experts = tensor_experts(group, args)
+    unit = max([q.get("group_size", 1) for k, q in (quantization or {}).items()
+                if isinstance(q, dict) and k.endswith("shared_experts.w2")] or [1])
+    if args.moe_inter_dim % unit:
+        raise ValueError(f"the shared expert's {args.moe_inter_dim} units do not split into groups of {unit}")
+    sh = even_split(args.moe_inter_dim // unit, n, r)
+    return TensorShard(group, args, even_split(args.o_groups, n, r), own_experts,
+                       range(sh.start * unit, sh.stop * unit), Watchdog(r, timeout))
 
 
 def dtype_code(dtype: mx.Dtype) -> int:

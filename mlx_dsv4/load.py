@@ -29,9 +29,10 @@ _FP32 = re.compile(r"(hc_\w+|attn_sink|\.ape|gate\.bias|norm\.weight)$")
 _EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.(weight|scales|biases)$")
 
 
-def to_model_layout(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
-    """Official names -> model names: stack per-expert tensors, tid2eid to int32, drop DSpark stages."""
-    out, experts = {}, {}
+def to_model_layout(weights: dict[str, mx.array], args: ModelArgs, experts: range | None = None) -> dict[str, mx.array]:
+    """Official names -> model names: stack per-expert tensors, tid2eid to int32, drop DSpark stages.
+    experts: stack only these routed experts (a tensor-parallel rank's; the others stay unread)."""
+    out, per_expert = {}, {}
     n_mtp = args.n_mtp_layers
     for name, w in weights.items():
         m = re.match(r"mtp\.(\d+)\.", name)
@@ -39,14 +40,14 @@ def to_model_layout(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, 
             continue  # Flash-0731 DSpark drafter stages: recognised, not used yet
         e = _EXPERT.match(name)
         if e:
-            experts.setdefault((e[1], e[3], e[4]), {})[int(e[2])] = w
+            per_expert.setdefault((e[1], e[3], e[4]), {})[int(e[2])] = w
             continue
         out[name] = w.astype(mx.int32) if name.endswith("tid2eid") else w
-    for (prefix, proj, kind), per in experts.items():
+    for (prefix, proj, kind), per in per_expert.items():
         if sorted(per) != list(range(args.n_routed_experts)):
             missing = sorted(set(range(args.n_routed_experts)) - set(per))
             raise WeightsError(f"{prefix}.*.{proj}.{kind}: missing experts {missing[:8]}")
-        out[f"{prefix}.{proj}.{kind}"] = mx.stack([per[i] for i in range(args.n_routed_experts)])
+        out[f"{prefix}.{proj}.{kind}"] = mx.stack([per[i] for i in (experts or range(args.n_routed_experts))])
     return out
 
 
@@ -58,12 +59,19 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype=None, simul
     which modules become quantized before loading; packed weights and scales keep their dtype.
     streamed_experts: the routed experts are not parameters (weights must not hold them).
     stage (distributed.Stage): build only this pipeline rank's part; `weights` may hold more (the
-    rest stays unread, as lazy arrays are only read when evaluated).
+    rest stays unread, as lazy arrays are only read when evaluated). A distributed.TensorShard:
+    build this rank's slice of every layer from the full (lazy) tensors.
     """
+    from .distributed import TensorShard
+
     dtype = dtype or mx.bfloat16
-    model = Model(args, simulate_qat=simulate_qat, streamed_experts=streamed_experts, stage=stage)
+    shard = stage if isinstance(stage, TensorShard) else None
+    stage = None if shard is not None else stage
+    model = Model(args, simulate_qat=simulate_qat, streamed_experts=streamed_experts, stage=stage, shard=shard)
     if stage is not None:
         weights = {k: v for k, v in weights.items() if stage.owns(k)}
+    if shard is not None:
+        weights = shard.select(weights)
     if quantization:
         per_module = {k: v for k, v in quantization.items() if isinstance(v, dict)}
         nn.quantize(model, class_predicate=lambda path, _m: per_module.get(path, False))
@@ -94,18 +102,30 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype=None, simul
     return model
 
 
-def plan_stage(group, args: ModelArgs, weights: dict[str, mx.array], sharding: str = "pipeline"):
-    """This rank's distributed.Stage for a model split across `group` (None: not split)."""
+def plan_stage(group, args: ModelArgs, weights: dict[str, mx.array] | None, sharding: str = "pipeline",
+               quantization: dict | None = None):
+    """This rank's distributed.Stage (pipeline) or TensorShard (tensor) for a model split across
+    `group` (None: not split). Tensor mode needs no weights, only the config's shapes and formats."""
     if group is None or group.size() == 1:
         return None
-    from .distributed import Stage, check_sharding, plan_stages, tensor_bytes, timeout_from_env
+    from .distributed import Stage, check_sharding, plan_stages, plan_tensor, tensor_bytes, timeout_from_env
     from .watchdog import Watchdog
 
-    check_sharding(sharding)
+    if check_sharding(sharding) == "tensor":
+        return plan_tensor(group, args, quantization, timeout_from_env())
     r = group.rank()
     # shapes and dtypes only: lazy arrays are not read
     plan = plan_stages(*tensor_bytes({k: w.nbytes for k, w in weights.items()}, args.n_layers), group.size())
     return Stage(group, plan[r], None, Watchdog(r, timeout_from_env()))
+
+
+def _own_experts(group, sharding: str, args: ModelArgs) -> range | None:
+    """The routed experts a tensor-parallel rank holds (the loaders then read only those); None otherwise."""
+    if group is None or group.size() == 1 or sharding != "tensor":
+        return None
+    from .distributed import tensor_experts
+
+    return tensor_experts(group, args)
 
 
 def _read_official_dir(path: Path) -> dict[str, mx.array]:
@@ -149,7 +169,8 @@ def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: 
 
     group (an mx.distributed group of size > 1, e.g. distributed.world_group()): this rank builds
     and reads only its share of the model (sharding "pipeline": a contiguous stage of layers, see
-    distributed.py); model(tokens, cache) still returns the full logits on every rank."""
+    distributed.py; "tensor": a slice of every layer's heads and experts); model(tokens, cache) still
+    returns the full logits on every rank."""
     if group is not None and group.size() > 1 and expert_memory_gb is not None:
         raise ValueError("expert streaming and a model split across ranks cannot be combined yet")
     if expert_memory_gb is not None:
@@ -168,7 +189,7 @@ def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: 
 
         args = from_hf_config(tiny_hf_config("flash"))
         w = {k: mx.array(v) for k, v in random_weights(args, seed).items()}
-        w = to_model_layout(w, args)
+        w = to_model_layout(w, args, _own_experts(group, sharding, args))
         model = build_model(args, w, dtype or mx.float32, simulate_qat, stage=plan_stage(group, args, w, sharding))
         return model, load_tokenizer(None)
     path = Path(path_or_name)
@@ -177,14 +198,16 @@ def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: 
             raise ValueError(f"{path} holds unquantized weights; expert streaming needs a converted or an "
                              "official FP8/FP4 checkpoint")
         args, _ = load_config(path)
-        weights = to_model_layout(_read_official_dir(path), args)
+        weights = to_model_layout(_read_official_dir(path), args, _own_experts(group, sharding, args))
         stage = plan_stage(group, args, weights, sharding)
         return build_model(args, weights, dtype, simulate_qat, stage=stage), load_tokenizer(path)
     from .checkpoint import load_weights
     from .checkpoint.hub import resolve_source
 
+    from .checkpoint.source import read_config
+
     root = resolve_source(path_or_name, revision)
-    cfg, weights = load_weights(root)
+    cfg, weights = load_weights(root, experts=_own_experts(group, sharding, from_hf_config(read_config(root))))
     args = from_hf_config(cfg)
     store = None
     if expert_memory_gb is not None:
@@ -195,6 +218,7 @@ def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: 
         weights = {k: v for k, v in weights.items() if ".ffn.experts." not in k}
     weights = to_model_layout(weights, args)
     model = build_model(args, weights, dtype, simulate_qat, cfg.get("quantization"),
-                        streamed_experts=store is not None, stage=plan_stage(group, args, weights, sharding))
+                        streamed_experts=store is not None,
+                        stage=plan_stage(group, args, weights, sharding, cfg.get("quantization")))
     model.expert_store = store
     return model, load_tokenizer(root)

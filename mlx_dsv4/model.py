@@ -19,11 +19,11 @@ from .qat import TrainedFormats
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, hashed: bool, streamed: bool = False):
+    def __init__(self, args: ModelArgs, layer: int, hashed: bool, streamed: bool = False, shard=None):
         super().__init__()
         self.args = args
-        self.attn = Attention(args, layer)
-        self.ffn = MoE(args, hashed, streamed)
+        self.attn = Attention(args, layer, shard)
+        self.ffn = MoE(args, hashed, streamed, shard)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         n = (2 + args.hc_mult) * args.hc_mult
@@ -65,8 +65,8 @@ class MTPBlock(Block, HCHead):
     """Multi-token prediction: combines the main model's final streams at position i with the
     embedding of token i+1 to predict token i+2. Shares embed and head with the main model."""
 
-    def __init__(self, args: ModelArgs, layer: int, streamed: bool = False):
-        super().__init__(args, layer, hashed=False, streamed=streamed)
+    def __init__(self, args: ModelArgs, layer: int, streamed: bool = False, shard=None):
+        super().__init__(args, layer, hashed=False, streamed=streamed, shard=shard)
         self.e_proj = nn.Linear(args.dim, args.dim, bias=False)
         self.h_proj = nn.Linear(args.dim, args.dim, bias=False)
         self.enorm = RMSNorm(args.dim, args.norm_eps)
@@ -90,22 +90,26 @@ class Model(HCHead):
     expert_store.ExpertStore, attached by load) reads them from the checkpoint on demand.
     stage (a distributed.Stage): this rank holds only its pipeline stage's layers, plus the
     embedding on the first rank and hc_head / norm / head / MTP on the last; parameter names stay
-    global (layers.7.* is layers.7.* on whichever rank holds it)."""
+    global (layers.7.* is layers.7.* on whichever rank holds it).
+    shard (a distributed.TensorShard): this rank holds every layer, each with only its output groups,
+    routed experts and shared-expert rows; two all_sums per layer, and every rank computes the logits."""
 
-    def __init__(self, args: ModelArgs, simulate_qat: bool = True, streamed_experts: bool = False, stage=None):
+    def __init__(self, args: ModelArgs, simulate_qat: bool = True, streamed_experts: bool = False, stage=None,
+                 shard=None):
         super().__init__()
         self.args = args
         self.qat = TrainedFormats(simulate_qat)
         self.expert_store = None
         self.stage = stage
+        self.shard = shard
         self.owned = stage.layers if stage is not None else range(args.n_layers)
         first, last = stage is None or stage.first, stage is None or stage.last
         if first:
             self.embed = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = [Block(args, i, i < args.n_hash_layers, streamed_experts) if i in self.owned else Remote()
-                       for i in range(args.n_layers)]
+        self.layers = [Block(args, i, i < args.n_hash_layers, streamed_experts, shard) if i in self.owned
+                       else Remote() for i in range(args.n_layers)]
         n_mtp = args.n_mtp_layers if last else 0
-        self.mtp = [MTPBlock(args, args.n_layers + i, streamed_experts) for i in range(n_mtp)]
+        self.mtp = [MTPBlock(args, args.n_layers + i, streamed_experts, shard) for i in range(n_mtp)]
         if last:
             self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
             self._init_head(args)
@@ -173,7 +177,10 @@ class Model(HCHead):
                 mx.eval(X, [c.state for c in cache])  # materialise this chunk before the next
                 continue
             out.append(self.logits(self.collapse(X[:, -1:] if last_only else X)))
-            if s + chunk < L:
+            if self.shard is not None:  # a rank that stops answering ends the job instead of hanging it
+                with self.shard.watchdog.guard("a tensor-parallel step"):
+                    mx.eval(out[-1], [c.state for c in cache])
+            elif s + chunk < L:
                 mx.eval(out[-1], [c.state for c in cache])
         return out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
 

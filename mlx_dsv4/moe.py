@@ -169,12 +169,17 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, hashed: bool, streamed: bool = False):
+    def __init__(self, args: ModelArgs, hashed: bool, streamed: bool = False, shard=None):
+        """shard (distributed.TensorShard): hold only its routed experts and its rows of the shared
+        expert (possibly none); the gate stays whole so every rank routes alike."""
         super().__init__()
+        self.shard = shard
         self.gate = Gate(args, hashed)
-        self.experts = RoutedExperts(args.dim, args.moe_inter_dim, args.n_routed_experts, args.swiglu_limit,
-                                     streamed)
-        self.shared_experts = Expert(args.dim, args.moe_inter_dim, args.swiglu_limit)
+        n_experts = args.n_routed_experts if shard is None else len(shard.experts)
+        self.experts = RoutedExperts(args.dim, args.moe_inter_dim, n_experts, args.swiglu_limit, streamed)
+        inter = args.moe_inter_dim if shard is None else len(shard.shared)
+        if inter:
+            self.shared_experts = Expert(args.dim, inter, args.swiglu_limit)
 
     def __call__(self, x: mx.array, tokens: mx.array, experts=None) -> mx.array:
         """experts: this layer's view of the expert store (expert_store.LayerExperts) when the routed
@@ -182,13 +187,26 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         w, ids = self.gate(flat, tokens.reshape(-1))
-        if experts is not None:
+        if self.shard is not None:
+            y = self._partial(flat, w, ids)
+        elif experts is not None:
             y = self._streamed(flat, w, ids, experts)
         elif (shared := self.shared_experts.mxfp8() if self.experts.takes_kernels(ids) else None) is not None:
             y = self.experts(flat, ids, w, shared)  # decode on a converted checkpoint: routed + shared in two kernels
         else:
             y = self.experts(flat, ids, w) + self.shared_experts(flat).astype(mx.float32)
         return y.astype(x.dtype).reshape(shape)  # back to the model dtype: fp32 must not leak
+
+    def _partial(self, flat: mx.array, w: mx.array, ids: mx.array) -> mx.array:
+        """Tensor mode: this rank's experts' terms (the others' selections run on local expert 0 with
+        weight 0, which the reference's scaling before w2 turns into exact zeros) plus its slice of the
+        shared expert, summed over ranks in one all_sum (float32, as the single-process sum)."""
+        own = self.shard.experts
+        mine = (ids >= own.start) & (ids < own.stop)
+        y = self.experts(flat, mx.where(mine, ids - own.start, 0), mx.where(mine, w, 0.0))
+        if "shared_experts" in self:
+            y = y + self.shared_experts(flat).astype(mx.float32)
+        return self.shard.all_sum(y)
 
     def _streamed(self, flat: mx.array, w: mx.array, ids: mx.array, experts) -> mx.array:
         """The same computation on the store's stacks. The store may split the rows into parts whose

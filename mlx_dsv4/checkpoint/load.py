@@ -11,6 +11,7 @@ builds the same modules either way.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,12 +20,13 @@ from .errors import CheckpointError
 from .hub import resolve_source
 from .plan import build_plan
 from .policy import resolve
-from .safetensors_io import ShardSet, read_tensor
+from .safetensors_io import ShardSet, read_rows, read_tensor
 from .source import CONVERTED_KEY, is_converted, open_official, read_config
 from .transforms import convert as convert_tensor
 from .transforms import to_mx
 
 log = logging.getLogger("mlx_dsv4.checkpoint")
+_STACKED = re.compile(r"\.ffn\.experts\.w[123]\.(weight|scales|biases)$")  # converted: [E, ...] per projection
 
 
 def _mx_load(path: Path, shards: ShardSet) -> dict[str, mx.array]:
@@ -35,7 +37,7 @@ def _mx_load(path: Path, shards: ShardSet) -> dict[str, mx.array]:
         return {n: to_mx(read_tensor(i), i.dtype) for n, i in shards.tensors.items() if i.file == path}
 
 
-def _lazy_official(root: Path, cfg: dict, quant_mode: str, overrides, group_size: int):
+def _lazy_official(root: Path, cfg: dict, quant_mode: str, overrides, group_size: int, experts: range | None):
     from .convert import mlx_config
 
     ck = open_official(root, cfg)
@@ -46,9 +48,11 @@ def _lazy_official(root: Path, cfg: dict, quant_mode: str, overrides, group_size
         raw.update(_mx_load(root / f, ck.shards))
     weights = {}
     for u in units:
+        members = [u.members[i] for i in experts] if u.stacked and experts is not None else u.members
         parts = [convert_tensor(u.source, u.fmt, raw[w], raw[s] if s else None, u.shape, group_size)
-                 for w, s in u.members]
+                 for w, s in members]
         for sfx, (name, _, shape) in u.outputs.items():
+            shape = (len(members), *shape[1:]) if u.stacked else shape
             arr = mx.stack([p[sfx] for p in parts]) if u.stacked else parts[0][sfx]
             if tuple(arr.shape) != tuple(shape):
                 raise AssertionError(f"{name}: built {arr.shape}, planned {shape}")  # a planning bug
@@ -57,8 +61,13 @@ def _lazy_official(root: Path, cfg: dict, quant_mode: str, overrides, group_size
 
 
 def load_weights(path: str | Path, quant_mode: str | None = None, overrides: dict[str, str] | None = None,
-                 group_size: int = 64, revision: str | None = None) -> tuple[dict, dict[str, mx.array]]:
+                 group_size: int = 64, revision: str | None = None,
+                 experts: range | None = None) -> tuple[dict, dict[str, mx.array]]:
     """-> (config.json dict with `quantization` and `mlx_dsv4` entries, {name: lazy mx.array}).
+
+    experts: keep only these routed experts in the stacked expert tensors (a tensor-parallel rank's).
+    Official checkpoints stack only their per-expert tensors; converted ones read just their rows
+    (at once: a contiguous slice of each stacked tensor), so a rank never reads the others'.
 
     For an official checkpoint, quant_mode/overrides choose the formats as in convert()
     (default lossless; 'fp32' gives the exact dequantized weights). A converted checkpoint is
@@ -67,7 +76,7 @@ def load_weights(path: str | Path, quant_mode: str | None = None, overrides: dic
     root = resolve_source(path, revision)
     cfg = read_config(root)
     if not is_converted(cfg):
-        return _lazy_official(root, cfg, quant_mode or "lossless", overrides, group_size)
+        return _lazy_official(root, cfg, quant_mode or "lossless", overrides, group_size, experts)
     stored = cfg[CONVERTED_KEY].get("quant_mode")
     if (quant_mode and quant_mode != stored) or overrides:
         raise CheckpointError(f"already converted with quant mode {stored!r}; convert the official checkpoint "
@@ -76,4 +85,8 @@ def load_weights(path: str | Path, quant_mode: str | None = None, overrides: dic
     weights: dict[str, mx.array] = {}
     for f in shards.files:
         weights.update(_mx_load(root / f, shards))
+    if experts is not None:
+        for name in [n for n in weights if _STACKED.search(n)]:
+            info = shards.tensors[name]
+            weights[name] = to_mx(read_rows(info, experts.start, experts.stop), info.dtype)
     return cfg, weights
