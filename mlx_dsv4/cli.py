@@ -83,7 +83,8 @@ ExpertMemOpt = Annotated[float | None, typer.Option(
     "--expert-memory-gb", help="stream the routed experts from the checkpoint files, holding at most this many "
     "GB of them in memory (same output; slower when they miss)")]
 ShardingOpt = Annotated[str, typer.Option("--sharding", help="under mlx.launch: how the model is split "
-                                          "across the ranks (pipeline: contiguous layer stages)")]
+                                          "across the ranks (pipeline: contiguous layer stages; tensor: "
+                                          "every layer's heads and experts, two all_sums per layer)")]
 ShowReasoningOpt = Annotated[bool, typer.Option("--show-reasoning/--hide-reasoning",
                                                 help="print the reasoning of --thinking (apart from the answer)")]
 

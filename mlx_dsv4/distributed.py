@@ -45,7 +45,9 @@ from .watchdog import Watchdog, on_termination
 SHARDINGS = ("pipeline", "tensor")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 # tensors tensor mode splits: (attention projection | routed / shared expert projection)
-_SPLIT = re.compile(r"^(?:layers|mtp)\.\d+\.(?:attn\.(wq_b|wo_a|wo_b|attn_sink)|ffn\.(experts|shared_experts)\.(w[123]))(?:\.|$)")
+_SPLIT = re.compile(r"^(?:layers|mtp)\.\d+\."
+                    r"(?:attn\.(wq_b|wo_a|wo_b|attn_sink)|ffn\.(experts|shared_experts)\.(w[123]))(?:\.|$)")
+_OFFICIAL_EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.")  # one routed expert's tensor
 TIMEOUT_ENV = "MLX_DSV4_DIST_TIMEOUT"  # seconds a rank may wait inside one model call
 DEFAULT_TIMEOUT = 300.0  # one prefill chunk of the slowest stage on a Mac, with a wide margin
 
@@ -263,6 +265,20 @@ def tensor_experts(group, args) -> range:
                          f"{args.o_groups} groups and {args.n_routed_experts} experts, not enough for {n} ranks "
                          "(use fewer ranks or --sharding pipeline)")
     return even_split(args.n_routed_experts, n, group.rank())
+
+
+def shard_bytes(sizes: dict[str, int], shard: TensorShard) -> int:
+    """Bytes of a checkpoint {tensor name: bytes} (model or official names) that `shard`'s rank holds."""
+    held = 0
+    for name, n in sizes.items():
+        e = _OFFICIAL_EXPERT.search(name)
+        if e:
+            held += n if int(e[1]) in shard.experts else 0
+        elif (p := shard.part(name)) is not None:
+            held += n * p[1].stop // p[2] - n * p[1].start // p[2]  # sums to n exactly over the ranks
+        else:
+            held += n
+    return held
 
 
 def plan_tensor(group, args, quantization: dict | None, timeout: float) -> TensorShard:

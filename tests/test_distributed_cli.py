@@ -19,17 +19,24 @@ def single():
     return p.stdout
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_generate_under_mlx_launch_prints_the_single_process_text(single, n):
-    p = launch(n, [sys.executable, *ARGS, "--sharding", "pipeline"], timeout=300)
+@pytest.mark.parametrize("sharding, n", [("pipeline", 2), ("pipeline", 3), ("tensor", 2)])
+def test_generate_under_mlx_launch_prints_the_single_process_text(single, sharding, n):
+    p = launch(n, [sys.executable, *ARGS, "--sharding", sharding], timeout=300)
     assert p.returncode == 0 and "WARN" not in p.stderr, p.stderr[-3000:]
     assert p.stdout == single
 
 
+def test_tensor_sharding_over_more_ranks_than_groups_is_refused_clearly():
+    """The trained tiny model has 2 output groups: 3 ranks cannot each hold one."""
+    p = launch(3, [sys.executable, *ARGS, "--sharding", "tensor"], timeout=300)
+    assert p.returncode != 0 and "error: tensor sharding needs an output group and a routed expert per rank: " \
+        "this model has 2 groups and 8 experts, not enough for 3 ranks" in p.stderr, p.stderr[-2000:]
+
+
 def test_unknown_sharding_is_one_line_error():
-    p = subprocess.run([sys.executable, *ARGS, "--sharding", "tensor"], env=env(), capture_output=True, text=True,
+    p = subprocess.run([sys.executable, *ARGS, "--sharding", "expert"], env=env(), capture_output=True, text=True,
                        timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL)
-    assert p.returncode == 1 and p.stderr.startswith("error: unknown sharding 'tensor'"), p.stderr
+    assert p.returncode == 1 and p.stderr.startswith("error: unknown sharding 'expert'"), p.stderr
 
 
 def test_serve_under_mlx_launch_is_refused_clearly():
