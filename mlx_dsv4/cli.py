@@ -232,8 +232,8 @@ def _generate(prompt, model_name, system, mode, effort, raw, opts, cache_file, s
 
     model, tok = load_model(model_name or DEFAULT_MODEL, verbose, model_name is not None, yes, expert_memory_gb,
                             sharding)
-    if cache_file is not None and model.stage is not None:
-        fail("--prompt-cache-file cannot be used with a model split across ranks (each rank caches only its layers)")
+    if cache_file is not None and (model.stage is not None or model.shard is not None):
+        fail("--prompt-cache-file cannot be used with a model split across ranks yet")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if raw:
         ids = tok.encode(prompt, add_special_tokens=False)

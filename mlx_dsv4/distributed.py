@@ -23,13 +23,17 @@ all_sums per layer rebuild the full output (one after the attention, one after t
   intermediate dimension (w1 / w3 rows, w2 columns): a SwiGLU is a sum over its intermediate
   units, so the slices add up exactly. The shared and routed partials meet in one all_sum.
 - Embedding, mHC, norms, hc_head and head are replicated (the head is one matrix read per token;
-  sharding the vocabulary would add an all_gather of the logits to save ~1.9 GB per Mac).
+  sharding the vocabulary would add an all_gather of the logits to save 1.9 GB per Mac on Pro).
   Every rank computes the same logits and keeps the full LayerCache (the KV is replicated).
 - Uneven splits: groups, experts and shared-expert units go to ranks in contiguous runs as even as
   possible (the first ranks take one more). Every rank must hold at least one output group and one
   expert (so at most o_groups ranks: 8 for Flash, 16 for Pro); the shared expert is cut at the
   quantization group size of its w2 (packed inputs cannot be split inside a group), and a rank may
   hold none of it.
+- The slicing happens once, at load (TensorShard.select), and the modules stay plain Linear /
+  SwitchLinear of the local shapes: mlx.nn's AllToShardedLinear / ShardedToAllLinear split one
+  Linear evenly and all_sum it alone, while here the splits follow output groups (uneven), cut
+  packed weights on quantization-group boundaries and share one all_sum between two modules.
 """
 
 from __future__ import annotations

@@ -155,9 +155,10 @@ def prepare(model, tokenizer, prompt: str | list[int] | mx.array, *, max_tokens:
     if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 0):
         raise ValueError(f"num_draft_tokens must be a non-negative integer, got {num_draft_tokens!r}")
     if num_draft_tokens:
-        if getattr(model, "stage", None) is not None:
+        if getattr(model, "stage", None) is not None or getattr(model, "shard", None) is not None:
             raise ValueError("num_draft_tokens > 0 is not available with a model split across ranks yet "
-                             "(the MTP block sits on the last rank, the embedding it shares on the first)")
+                             "(pipeline: the MTP block sits on the last rank, the embedding it shares on the "
+                             "first; tensor: not tested)")
         if not model.mtp:
             raise ValueError("num_draft_tokens > 0 needs an MTP layer, and this checkpoint has none")
         if sampler is not None:

@@ -1,7 +1,7 @@
 """A rank that dies mid-generation (test_distributed_faults.py): the last rank SIGKILLs itself
 at decode step 3; the others must end with one `error:` line, never hang.
 
-argv: checkpoint dir."""
+argv: checkpoint dir, sharding."""
 
 import os
 import signal
@@ -15,7 +15,7 @@ from mlx_dsv4.load import load
 from mlx_dsv4.watchdog import DistributedError
 
 group = world_group()
-model, _ = load(sys.argv[1], dtype=mx.float32, simulate_qat=False, group=group)
+model, _ = load(sys.argv[1], dtype=mx.float32, simulate_qat=False, group=group, sharding=sys.argv[2])
 cache = model.make_cache()
 tok = mx.array([[5]])
 try:

@@ -14,9 +14,10 @@ LIMIT = 60  # seconds from the kill to the job's end; observed ~2 s (ring failur
 
 
 @pytest.mark.parametrize("case", ["flash"], indirect=True)
-def test_killed_rank_ends_job_with_error_on_rank0(case, tmp_path):
+@pytest.mark.parametrize("sharding", ["pipeline", "tensor"])
+def test_killed_rank_ends_job_with_error_on_rank0(case, sharding, tmp_path):
     root = case[1]
-    p = launch(2, ["python", "tests/dist_die.py", str(root)], timeout=300, MLX_DSV4_DIST_TIMEOUT=LIMIT)
+    p = launch(2, ["python", "tests/dist_die.py", str(root), sharding], timeout=300, MLX_DSV4_DIST_TIMEOUT=LIMIT)
     out = p.stdout + p.stderr
     assert "finished without noticing" not in out
     killed = re.search(r"rank 0 step 3 at ([\d.]+)", out)
