@@ -27,9 +27,11 @@ def test_generate_under_mlx_launch_prints_the_single_process_text(single, shardi
 
 
 def test_tensor_sharding_over_more_ranks_than_groups_is_refused_clearly():
-    """The trained tiny model has 2 output groups: 3 ranks cannot each hold one."""
+    """The trained tiny model has 2 output groups: 3 ranks cannot each hold one. (mlx.launch itself exits 0
+    whatever its ranks do: the ranks' exit status shows in its warnings.)"""
     p = launch(3, [sys.executable, *ARGS, "--sharding", "tensor"], timeout=300)
-    assert p.returncode != 0 and "error: tensor sharding needs an output group and a routed expert per rank: " \
+    assert "exited with code 1" in p.stderr and p.stdout == "", p.stderr[-2000:]
+    assert "error: tensor sharding needs an output group and a routed expert per rank: " \
         "this model has 2 groups and 8 experts, not enough for 3 ranks" in p.stderr, p.stderr[-2000:]
 
 
