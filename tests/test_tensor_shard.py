@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from ckpt_util import small_config
+from mlx.utils import tree_flatten
+from tinymodels import rel_err
 
 from mlx_dsv4.checkpoint import convert, load_weights, write_random_official_checkpoint
 from mlx_dsv4.checkpoint.official import expected_tensors
@@ -112,3 +115,73 @@ def test_per_rank_bytes_partition_the_split_tensors(name, n):
     # uneven by at most one expert and one output group per layer (worst: Flash on 3, 86/85/85 experts and
     # 3/3/2 groups, 2.0%)
     assert max(held) - min(held) <= 0.025 * max(held), held
+
+
+# ---- the split is exact: partial outputs of all ranks add up to the whole layer's, in one process ---------
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The trained tiny model (official FP8 / FP4 read as mxfp8 / mxfp4: quantized slices) and what it
+    was built from, so each simulated rank builds its own slice from the same lazy tensors."""
+    from mlx_dsv4.load import build_model, load, to_model_layout
+    from mlx_dsv4.tiny import trained_tiny_path
+
+    model, _ = load("tiny")
+    cfg, w = load_weights(trained_tiny_path())
+    weights = to_model_layout(w, model.args)
+
+    def ranks(n: int):
+        out = []
+        for r in range(n):
+            shard = plan_tensor(Rank(min(n, 2), min(r, 1)), model.args, cfg["quantization"], 60.0)
+            if n > 2:  # more ranks than the 2 output groups: split the MoE only (every rank keeps both groups)
+                unit = shard.shared.stop - shard.shared.start  # 2 units of 32 rows each on 2 ranks
+                u = even_split(model.args.moe_inter_dim // (unit // 2), n, r)
+                shard = replace(shard, o_groups=range(2), experts=even_split(model.args.n_routed_experts, n, r),
+                                shared=range(u.start * unit // 2, u.stop * unit // 2))
+            shard.all_sum = lambda x: x  # each rank's partial, summed by the test instead of the ring
+            out.append(build_model(model.args, weights, mx.float32, True, cfg["quantization"], stage=shard))
+        return out
+
+    return model, ranks
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_moe_partials_add_up_to_the_whole(trained, n):
+    """Routed (8 experts: 4/4 or 2/2/2/1/1) and shared expert (4 units of 32 rows: 2/2 or 1/1/1/1/0, the
+    fifth rank holding none), prefill-sized (sorted) and decode-sized rows; float32, so only the order
+    of the additions differs (tolerance 1e-5 of the largest output)."""
+    model, ranks = trained
+    parts = ranks(n)
+    assert [len(p.layers[3].ffn.shared_experts.w1.weight) if "shared_experts" in p.layers[3].ffn else 0
+            for p in parts][-1] == (0 if n == 5 else 64)
+    rng = np.random.default_rng(0)
+    for L in (40, 1):
+        x = mx.array(rng.standard_normal((1, L, model.args.dim)).astype(np.float32))
+        toks = mx.array(rng.integers(0, 1000, (1, L)).astype(np.int32))
+        for i in (0, 3):  # a hash-routed and a learned-routed layer
+            whole = np.array(model.layers[i].ffn(x, toks))
+            partial = [np.array(p.layers[i].ffn(x, toks)) for p in parts]
+            assert rel_err(sum(partial), whole) <= 1e-5, (L, i)
+            assert rel_err(sum(partial[1:]), whole) > 1e-3, "rank 0's share (experts and shared rows) must matter"
+
+
+def test_attention_partials_add_up_and_caches_stay_whole(trained):
+    """2 ranks, one output group each: the partial attention outputs add up to the whole layer's through a
+    prefill and decode steps, and each rank's cache equals the single model's (KV is replicated)."""
+    model, ranks = trained
+    parts = ranks(2)
+    rng = np.random.default_rng(1)
+    for i in range(model.args.n_layers):
+        caches = [model.make_cache()[i]] + [p.make_cache()[i] for p in parts]
+        for L in (150, 1, 1):
+            x = mx.array(rng.standard_normal((1, L, model.args.dim)).astype(np.float32))
+            outs = [np.array(m.layers[i].attn(x, c, m.qat)) for m, c in zip([model, *parts], caches)]
+            assert rel_err(outs[1] + outs[2], outs[0]) <= 1e-5, (i, L)
+            assert rel_err(outs[1], outs[0]) > 1e-3, "one rank's share alone is not the output"
+        whole = tree_flatten(caches[0].state)
+        for c in caches[1:]:
+            for (ka, a), (kb, b) in zip(tree_flatten(c.state), whole, strict=True):
+                same = np.array_equal(np.array(a), np.array(b)) if isinstance(a, mx.array) else a == b
+                assert ka == kb and same, f"layer {i}: the cache must be replicated ({ka})"
