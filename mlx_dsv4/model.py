@@ -174,15 +174,21 @@ class Model(HCHead):
                     self.stage.finish(X, None, None, cache)
                 continue
             if not wanted:
-                mx.eval(X, [c.state for c in cache])  # materialise this chunk before the next
+                self._eval(X, cache)  # materialise this chunk before the next
                 continue
             out.append(self.logits(self.collapse(X[:, -1:] if last_only else X)))
-            if self.shard is not None:  # a rank that stops answering ends the job instead of hanging it
-                with self.shard.watchdog.guard("a tensor-parallel step"):
-                    mx.eval(out[-1], [c.state for c in cache])
-            elif s + chunk < L:
-                mx.eval(out[-1], [c.state for c in cache])
+            if self.shard is not None or s + chunk < L:
+                self._eval(out[-1], cache)
         return out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
+
+    def _eval(self, y: mx.array, cache: list[LayerCache]):
+        """Evaluate y and the caches; in tensor mode under the watchdog, as the all_sums wait on every rank
+        (a rank that stops answering then ends the job instead of hanging it)."""
+        if self.shard is None:
+            mx.eval(y, [c.state for c in cache])
+        else:
+            with self.shard.watchdog.guard("a tensor-parallel step"):
+                mx.eval(y, [c.state for c in cache])
 
     def _stage_logits(self, X: mx.array, cache: list[LayerCache], last_only: bool) -> mx.array:
         """Pipeline: the last stage computes the logits, every rank receives them (evaluated)."""

@@ -200,7 +200,9 @@ class MoE(nn.Module):
     def _partial(self, flat: mx.array, w: mx.array, ids: mx.array) -> mx.array:
         """Tensor mode: this rank's experts' terms (the others' selections run on local expert 0 with
         weight 0, which the reference's scaling before w2 turns into exact zeros) plus its slice of the
-        shared expert, summed over ranks in one all_sum (float32, as the single-process sum)."""
+        shared expert, summed over ranks in one all_sum (float32, as the single-process sum). The zeroed
+        rows still run: a decode step reads at most one extra expert, but a prefill computes every row
+        (dropping them needs a data-dependent shape, i.e. a sync per layer)."""
         own = self.shard.experts
         mine = (ids >= own.start) & (ids < own.stop)
         y = self.experts(flat, mx.where(mine, ids - own.start, 0), mx.where(mine, w, 0.0))
