@@ -29,7 +29,8 @@ _FP32 = re.compile(r"(hc_\w+|attn_sink|\.ape|gate\.bias|norm\.weight)$")
 _EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.(weight|scales|biases)$")
 
 
-def to_model_layout(weights: dict[str, mx.array], args: ModelArgs, experts: range | None = None) -> dict[str, mx.array]:
+def to_model_layout(weights: dict[str, mx.array], args: ModelArgs,
+                    experts: range | None = None) -> dict[str, mx.array]:
     """Official names -> model names: stack per-expert tensors, tid2eid to int32, drop DSpark stages.
     experts: stack only these routed experts (a tensor-parallel rank's; the others stay unread)."""
     out, per_expert = {}, {}
@@ -203,7 +204,6 @@ def load(path_or_name: str | Path, dtype=None, simulate_qat: bool = True, seed: 
         return build_model(args, weights, dtype, simulate_qat, stage=stage), load_tokenizer(path)
     from .checkpoint import load_weights
     from .checkpoint.hub import resolve_source
-
     from .checkpoint.source import read_config
 
     root = resolve_source(path_or_name, revision)
