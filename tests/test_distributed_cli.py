@@ -26,15 +26,6 @@ def test_generate_under_mlx_launch_prints_the_single_process_text(single, shardi
     assert p.stdout == single
 
 
-def test_tensor_sharding_over_more_ranks_than_groups_is_refused_clearly():
-    """The trained tiny model has 2 output groups: 3 ranks cannot each hold one. (mlx.launch itself exits 0
-    whatever its ranks do: the ranks' exit status shows in its warnings.)"""
-    p = launch(3, [sys.executable, *ARGS, "--sharding", "tensor"], timeout=300)
-    assert "exited with code 1" in p.stderr and p.stdout == "", p.stderr[-2000:]
-    assert "error: tensor sharding needs an output group and a routed expert per rank: " \
-        "this model has 2 groups and 8 experts, not enough for 3 ranks" in p.stderr, p.stderr[-2000:]
-
-
 def test_unknown_sharding_is_one_line_error():
     p = subprocess.run([sys.executable, *ARGS, "--sharding", "expert"], env=env(), capture_output=True, text=True,
                        timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL)
