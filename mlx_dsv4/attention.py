@@ -126,12 +126,9 @@ class Attention(nn.Module):
         if self.ratio:
             cache.push_compressed(self.compressor(x, start, cache.comp_state, fr, x.dtype, nope_fp8))
             if self.ratio == 4:
+                # None: the top-k would cover every entry, so the dense causal path gives the same result
                 idx = self.indexer(x, qr, start, cache, fr, qat.simulate, a.index_topk)
-                comp = cache.compressed_store if idx is not None else None
-                if idx is not None and idx.shape[-1] >= cache.n_compressed:
-                    # top-k covers every entry: the selection is exactly the causal set, so the
-                    # dense causal path gives the same result without per-query gathers
-                    idx = None
+                comp = cache.compressed_store if cache.n_compressed else None
             else:
                 comp = cache.compressed_store  # read in place (kernels) or decoded once (reference)
 
