@@ -19,7 +19,7 @@ from .kernels.attention import sparse_attention
 from .kernels import registry
 from .kernels.rows_finish import rows_finish
 from .norm import RMSNorm
-from .rope import cos_sin, inv_freq
+from .rope import cos_sin, inv_freq, table
 
 
 class Attention(nn.Module):
@@ -116,7 +116,7 @@ class Attention(nn.Module):
         nope_fp8 = D - r if qat.simulate else 0  # qat.kv: FP8 on the non-RoPE channels, or nothing
         fr = self._freqs
         if not finished:
-            cs = cos_sin(mx.arange(start, start + L), fr)  # one table for q, kv and the output (reference path)
+            cs = table(fr, start, L)  # one table for q, kv and the output (reference path)
             # weightless per-head norm, then RoPE
             q = rows_finish(q, fr, start, norm=True, eps=a.norm_eps, cs=cs)
             kv = rows_finish(kv, fr, start, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps,

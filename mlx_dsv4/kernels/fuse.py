@@ -37,3 +37,9 @@ def run(fn, static: tuple, *arrays: mx.array):
     """fn(*static, *arrays), compiled once per (fn, static) when fusing is on. static: hashable
     Python values (flags, eps, dtypes) baked into the trace; arrays: the only traced inputs."""
     return _compiled(fn, static)(*arrays) if _enabled else fn(*static, *arrays)
+
+
+def clear() -> None:
+    """Forget every trace: a traced piece keeps the functions it called when it was traced, so code that
+    swaps one of them (a test's deliberate break) must retrace."""
+    _compiled.cache_clear()

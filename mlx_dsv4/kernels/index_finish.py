@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from ..formats import indexer_roundtrip
 from ..norm import rms_norm
-from ..rope import apply_rope, cos_sin
+from ..rope import apply_rope, table
 from . import fuse, registry
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -37,7 +37,7 @@ def index_finish_reference(x: mx.array, freqs: mx.array, pos0: int, pos_step: in
     """The reference path itself: rms_norm, cos_sin + apply_rope, TrainedFormats.index, one fused
     piece after the angle table (kernels/fuse.py)."""
     _check(x, freqs, pos0, pos_step, weight)
-    cos, sin = cos_sin(mx.arange(pos0, pos0 + x.shape[1] * pos_step, pos_step), freqs)
+    cos, sin = table(freqs, pos0, x.shape[1], pos_step)
     w = () if weight is None else (weight,)
     return fuse.run(_finish, (simulate, float(eps)), x, cos, sin, *w)
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from ..norm import rms_norm
 from ..qat import TrainedFormats
-from ..rope import apply_rope, cos_sin
+from ..rope import apply_rope, table
 from . import fuse, registry
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -56,7 +56,7 @@ def rows_finish_reference(x, freqs, pos0: int, step: int = 1, *, norm=False, wei
     L = x.shape[1]
     rope = ()
     if freqs is not None:
-        rope = cs if cs is not None else cos_sin(mx.arange(pos0, pos0 + L * step, step), freqs)
+        rope = cs if cs is not None else table(freqs, pos0, L, step)
     w = () if weight is None or not norm else (weight,)
     static = (dtype, norm, bool(w), float(eps), bool(rope), inverse, fp8_nope)
     return fuse.run(_finish, static, x, *w, *rope)
