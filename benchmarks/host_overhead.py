@@ -9,9 +9,13 @@ small widths) with the trained-format simulation on, as users run it; float32 on
 Per decode step it reports
 - host ms: building the step's graph in Python (model call + log-softmax + sampler), nothing evaluated;
 - eval ms: mx.eval of that graph (the CPU's compute, plus MLX's own scheduling);
-- wall ms per token of the previous loop (PlainDecoder(ahead=False): build, evaluate, read, repeat)
-  and of the pipelined one (ahead=True), in alternating rounds from the same prefilled cache, so a
-  machine shared with other work slows both alike; the ratio is per round, then the median;
+- wall ms per token of the previous loop (PlainDecoder(ahead=False): build, evaluate, read, repeat, with
+  the fused reference pieces off: MLX_DSV4_FUSE=0, kernels/fuse.py) and of today's (fused pieces, ahead=True),
+  in alternating rounds from the same prefilled cache, so a machine shared with other work slows both
+  alike; the ratio is per round, then the median. The previous loop here already has this version's
+  other graph savings (shared RoPE tables, masks every query passes left out, RoPE in fewer nodes, no
+  indexer scoring when the top-k covers every entry), so the ratio understates the change;
+- graph nodes of one step with the fused pieces off and on (views included: each is scheduled);
 - host ms with kernel dispatch (what a Mac builds): each kernel call is a stand-in (one node), as in
   benchmarks/launch_count.py, since Metal kernels cannot run here; graph nodes counted both ways.
 Both loops must emit the same tokens: the script checks it.
@@ -34,6 +38,7 @@ from launch_count import VIEWS, _count, kernels_counted  # noqa: E402
 
 from mlx_dsv4.bench import load_bench_model, loaded_blas, machine  # noqa: E402
 from mlx_dsv4.generate import PlainDecoder  # noqa: E402
+from mlx_dsv4.kernels import fuse  # noqa: E402
 
 
 def greedy(logprobs):
@@ -67,8 +72,9 @@ def split_times(model, cache, first: int, steps: int) -> tuple[list[float], list
     return host, ev, toks
 
 
-def decode(model, cache, first: int, steps: int, ahead: bool) -> tuple[float, list[int]]:
+def decode(model, cache, first: int, steps: int, ahead: bool, fused: bool = True) -> tuple[float, list[int]]:
     """Wall ms per token and the tokens, through the generation loop's own decoder."""
+    fuse.set_enabled(fused)
     dec = PlainDecoder(model, cache, greedy, [], None, ahead=ahead)
     last, toks = first, []
     t0 = time.perf_counter()
@@ -78,7 +84,9 @@ def decode(model, cache, first: int, steps: int, ahead: bool) -> tuple[float, li
         last = e.token
         toks.append(last)
     dec.close()
-    return 1e3 * (time.perf_counter() - t0) / steps, toks
+    ms = 1e3 * (time.perf_counter() - t0) / steps
+    fuse.set_enabled(True)
+    return ms, toks
 
 
 def kernel_host(model, cache, first: int, steps: int) -> tuple[list[float], int, int]:
@@ -96,8 +104,16 @@ def kernel_host(model, cache, first: int, steps: int) -> tuple[list[float], int,
     return host, ref, ker
 
 
-def _nodes(outs) -> int:
-    return sum(v for k, v in _count(list(outs)).items() if k not in VIEWS)
+def _nodes(outs, views: bool = False) -> int:
+    return sum(v for k, v in _count(list(outs)).items() if views or k not in VIEWS)
+
+
+def step_nodes(model, cache, first: int, fused: bool) -> int:
+    """Graph nodes of one decode step, views included."""
+    fuse.set_enabled(fused)
+    n = _nodes(build(model, snapshot(cache), mx.array([[first]])), views=True)
+    fuse.set_enabled(True)
+    return n
 
 
 def main(argv=None):
@@ -120,28 +136,38 @@ def main(argv=None):
             mx.eval(y, [c.state for c in cache])
         first = int(mx.argmax(y[0, -1]).item())
         split_times(model, snapshot(cache), first, 2)  # warm-up (allocations, compiled pieces)
+        fuse.set_enabled(False)
+        host_old, ev_old, _ = split_times(model, snapshot(cache), first, a.steps)
+        fuse.set_enabled(True)
         host, ev, ref_toks = split_times(model, snapshot(cache), first, a.steps)
         old, new, same = [], [], True
         for _ in range(a.rounds):
-            ms_old, t_old = decode(model, snapshot(cache), first, a.steps, ahead=False)
+            ms_old, t_old = decode(model, snapshot(cache), first, a.steps, ahead=False, fused=False)
             ms_new, t_new = decode(model, snapshot(cache), first, a.steps, ahead=True)
             old.append(ms_old)
             new.append(ms_new)
             same &= t_old == t_new == ref_toks
         khost, nref, nker = kernel_host(model, cache, first, a.steps)
-        r = dict(ctx=ctx, host=statistics.median(host), eval=statistics.median(ev), old=statistics.median(old),
-                 new=statistics.median(new), speedup=statistics.median(o / n for o, n in zip(old, new)),
+        n_old, n_new = step_nodes(model, cache, first, False), step_nodes(model, cache, first, True)
+        r = dict(ctx=ctx, n_old=n_old, n_new=n_new, host_old=statistics.median(host_old),
+                 eval_old=statistics.median(ev_old), host=statistics.median(host), eval=statistics.median(ev),
+                 old=statistics.median(old), new=statistics.median(new),
+                 speedup=statistics.median(o / n for o, n in zip(old, new)),
                  khost=statistics.median(khost), nref=nref, nker=nker, same=same)
         rows.append(r)
-        print(f"context {ctx}: host {r['host']:.1f} ms, eval {r['eval']:.1f} ms; wall per token: previous loop "
-              f"{[round(x, 1) for x in old]}, pipelined {[round(x, 1) for x in new]}; same tokens: {same}", flush=True)
-    print("\n| context | host build ms (reference) | host build ms (kernel dispatch) | graph nodes ref / kernels "
-          "| eval ms | wall ms/token, previous loop | wall ms/token, pipelined | speed-up (median of rounds) "
-          "| same tokens |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        print(f"context {ctx}: host {r['host_old']:.1f} -> {r['host']:.1f} ms, eval {r['eval_old']:.1f} -> "
+              f"{r['eval']:.1f} ms (unfused -> fused), nodes {n_old} unfused / {n_new} "
+              f"fused; wall per token: previous loop "
+              f"{[round(x, 1) for x in old]}, now {[round(x, 1) for x in new]}; same tokens: {same}", flush=True)
+    print("\n| context | host build ms, unfused -> fused (reference) | host build ms (kernel dispatch) "
+          "| graph nodes ref / kernels | step nodes unfused / fused | eval ms, unfused -> fused "
+          "| wall ms/token, previous loop | wall ms/token, now "
+          "| speed-up (median of rounds) | same tokens |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['ctx']:,} | {r['host']:.1f} | {r['khost']:.1f} | {r['nref']} / {r['nker']} | {r['eval']:.1f} | "
-              f"{r['old']:.1f} | {r['new']:.1f} | {r['speedup']:.2f}x | {r['same']} |")
+        print(f"| {r['ctx']:,} | {r['host_old']:.1f} -> {r['host']:.1f} | {r['khost']:.1f} | {r['nref']} / {r['nker']} "
+              f"| {r['n_old']:,} / {r['n_new']:,} | {r['eval_old']:.1f} -> {r['eval']:.1f} | {r['old']:.1f} "
+              f"| {r['new']:.1f} | {r['speedup']:.2f}x | {r['same']} |")
     return rows
 
 

@@ -19,7 +19,7 @@ from .kernels.attention import sparse_attention
 from .kernels import registry
 from .kernels.rows_finish import rows_finish
 from .norm import RMSNorm
-from .rope import cos_sin, inv_freq
+from .rope import cos_sin, inv_freq, table
 
 
 class Attention(nn.Module):
@@ -122,7 +122,7 @@ class Attention(nn.Module):
         nope_fp8 = D - r if qat.simulate else 0  # qat.kv: FP8 on the non-RoPE channels, or nothing
         fr = self._freqs
         if not finished:
-            cs = cos_sin(mx.arange(start, start + L), fr)  # one table for q, kv and the output (reference path)
+            cs = table(fr, start, L)  # one table for q, kv and the output (reference path)
             # weightless per-head norm, then RoPE
             q = rows_finish(q, fr, start, norm=True, eps=a.norm_eps, cs=cs)
             kv = rows_finish(kv, fr, start, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps,
@@ -132,12 +132,9 @@ class Attention(nn.Module):
         if self.ratio:
             cache.push_compressed(self.compressor(x, start, cache.comp_state, fr, x.dtype, nope_fp8))
             if self.ratio == 4:
+                # None: the top-k would cover every entry, so the dense causal path gives the same result
                 idx = self.indexer(x, qr, start, cache, fr, qat.simulate, a.index_topk)
-                comp = cache.compressed_store if idx is not None else None
-                if idx is not None and idx.shape[-1] >= cache.n_compressed:
-                    # top-k covers every entry: the selection is exactly the causal set, so the
-                    # dense causal path gives the same result without per-query gathers
-                    idx = None
+                comp = cache.compressed_store if cache.n_compressed else None
             else:
                 comp = cache.compressed_store  # read in place (kernels) or decoded once (reference)
 

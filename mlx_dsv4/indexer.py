@@ -51,7 +51,9 @@ class Indexer(nn.Module):
         self.weight_scale = (head_dim * n_heads) ** -0.5
 
     def __call__(self, x, qr, start, cache, freqs, simulate: bool, topk: int) -> mx.array | None:
-        """Update the indexer keys in `cache` and return top-k ids [B, L, k] (None if no entry yet).
+        """Update the indexer keys in `cache` and return top-k ids [B, L, k], or None when the top-k
+        would hold every complete entry (none yet, or at most k): the selection is then exactly the
+        causal set, and neither its scores nor its gathers are built.
 
         q and the keys are finished alike: RoPE, then (simulate) the Hadamard + FP4 trained format;
         the keys first pass the compressor's norm, with RoPE at their window's first position."""
@@ -62,7 +64,7 @@ class Indexer(nn.Module):
             cache.push_index_keys(index_finish(c.astype(x.dtype), freqs, first * comp.ratio, comp.ratio, simulate,
                                                comp.norm.weight, comp.norm.eps))
         K = cache.index_store  # the kernel reads it in place; otherwise select decodes it once
-        if not K.n:
+        if K.n <= topk:
             return None
         q = index_finish(self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim), freqs, start, 1, simulate)
         w = self.weights_proj(x).astype(mx.float32) * self.weight_scale

@@ -25,3 +25,14 @@ try:
         settings.load_profile("ci")
 except ImportError:  # pragma: no cover
     pass
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fused_pieces():
+    """Fused pieces (mlx_dsv4/kernels/fuse.py) keep the functions they were traced with: a test that
+    monkeypatches one of them (a negative control) must not meet a trace made before, nor leave one behind."""
+    from mlx_dsv4.kernels import fuse
+
+    fuse.clear()
+    yield
+    fuse.clear()

@@ -178,7 +178,7 @@ def _indexer_run(idx, toks, chunks):
     ids, start = [], 0
     for n in chunks:
         x = toks[:, start : start + n]
-        ids.append(idx(x, x[..., :8], start, cache, _freqs(8), True, 3))
+        ids.append(idx(x, x[..., :8], start, cache, _freqs(8), True, 1))  # k < entries: q is scored
         start += n
     return ids, cache.index_keys
 

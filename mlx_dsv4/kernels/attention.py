@@ -51,19 +51,26 @@ def sparse_attention_reference(q, window, win_start, comp, comp_idx, sink, start
     for s in range(0, L, step):
         e = min(L, s + step)
         qb = mx.swapaxes(q[:, s:e], 1, 2).astype(mx.float32)  # [B, H, Lb, D]
-        t = mx.arange(start + s, start + e)[:, None]  # query positions [Lb, 1]
+        t0, t1 = start + s, start + e - 1  # the block's first and last query positions
+        t = mx.arange(t0, t1 + 1)[:, None]  # [Lb, 1]
         # Window rows that any query of this block can see.
-        lo = max(0, start + s - window_size + 1 - win_start)
-        hi = min(W, start + e - win_start)
+        lo = max(0, t0 - window_size + 1 - win_start)
+        hi = min(W, t1 + 1 - win_start)
         wk = window[:, lo:hi].astype(mx.float32)  # [B, Wb, D]
-        p = mx.arange(win_start + lo, win_start + hi)[None, :]
-        wmask = (p <= t) & (p > t - window_size)
-        logits = [mx.where(wmask, (qb @ mx.swapaxes(wk, -1, -2)[:, None]) * scale, -mx.inf)]
+        # A mask every query passes everywhere (a decode step's, always) is left out: where(True, v, -inf) is v,
+        # and its ops are a good part of a decode step's graph on the CPU.
+        sc = (qb @ mx.swapaxes(wk, -1, -2)[:, None]) * scale
+        if not (win_start + hi - 1 <= t0 and win_start + lo > t1 - window_size):
+            p = mx.arange(win_start + lo, win_start + hi)[None, :]
+            sc = mx.where((p <= t) & (p > t - window_size), sc, -mx.inf)
+        logits = [sc]
         gathered = None
         if N and comp_idx is None:
             ck = comp.astype(mx.float32)
-            cmask = mx.arange(N)[None, :] < (t + 1) // ratio
-            logits.append(mx.where(cmask, (qb @ mx.swapaxes(ck, -1, -2)[:, None]) * scale, -mx.inf))
+            sc = (qb @ mx.swapaxes(ck, -1, -2)[:, None]) * scale
+            if N > (t0 + 1) // ratio:
+                sc = mx.where(mx.arange(N)[None, :] < (t + 1) // ratio, sc, -mx.inf)
+            logits.append(sc)
         elif N:
             ids = comp_idx[:, s:e]  # [B, Lb, k]
             gathered = comp.take(mx.maximum(ids, 0), mx.float32)  # [B, Lb, k, D], never [.., N, D]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import registry
+from . import fuse, registry
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 ROWS = 4  # output rows per SIMD group in both kernels (R in the .metal files)
@@ -27,7 +27,12 @@ GROUP = 32  # mx group size (mxfp4 and mxfp8)
 
 
 def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
-    """silu(min(gate, limit)) * clip(up, -limit, limit) in float32 (routed and shared experts alike)."""
+    """silu(min(gate, limit)) * clip(up, -limit, limit) in float32 (routed and shared experts alike);
+    one fused piece (kernels/fuse.py)."""
+    return fuse.run(_swiglu, (float(limit),), gate, up)
+
+
+def _swiglu(limit: float, gate: mx.array, up: mx.array) -> mx.array:
     gate = mx.minimum(gate.astype(mx.float32), limit)
     up = mx.clip(up.astype(mx.float32), -limit, limit)
     return nn.silu(gate) * up

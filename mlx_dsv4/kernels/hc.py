@@ -15,7 +15,7 @@ import math
 import mlx.core as mx
 
 from ..norm import rms_norm
-from . import mhc, registry
+from . import fuse, mhc, registry
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -55,16 +55,29 @@ def _check_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> int
 def hc_pre_reference(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None):
     """(u [..., d] in X.dtype, post [..., hc], comb [..., hc, hc] float32). The split goes through
     the sinkhorn_split dispatcher: its reference here, its own kernel on Metal. norm: (weight, eps)
-    of the sub-layer's RMSNorm, applied to u (rms_norm) before it is returned."""
+    of the sub-layer's RMSNorm, applied to u (rms_norm) before it is returned. One fused piece
+    (kernels/fuse.py) where the split is the reference."""
     _check_pre(X, fn, scale, base, norm)
+    w = () if norm is None else (norm[0],)
+    static = (iters, float(eps), float(norm_eps), None if norm is None else float(norm[1]))
+    if registry.use_kernels():  # the split is a kernel launch: nothing to fuse around it
+        return _pre(*static, X, fn, scale, base, *w)
+    return fuse.run(_pre, static, X, fn, scale, base, *w)
+
+
+def _pre(iters, eps, norm_eps, out_eps, X, fn, scale, base, *w):
     pre, post, comb = mhc.sinkhorn_split(mixes(X, fn, norm_eps), scale, base, iters, eps)
     u = (pre[..., None] * X.astype(mx.float32)).sum(axis=-2).astype(X.dtype)
-    return (u if norm is None else rms_norm(u, *norm)), post, comb
+    return (u if out_eps is None else rms_norm(u, w[0], out_eps)), post, comb
 
 
 def hc_post_reference(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
-    """X'_k = post_k * y + sum_j comb[j, k] * X_j, in float32, stored back in X.dtype."""
+    """X'_k = post_k * y + sum_j comb[j, k] * X_j, in float32, stored back in X.dtype (one fused piece)."""
     _check_post(y, X, post, comb)
+    return fuse.run(_post, (), y, X, post, comb)
+
+
+def _post(y, X, post, comb):
     mixed = mx.swapaxes(comb, -1, -2) @ X.astype(mx.float32)
     return (post[..., None] * y.astype(mx.float32)[..., None, :] + mixed).astype(X.dtype)
 

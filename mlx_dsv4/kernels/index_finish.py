@@ -13,8 +13,8 @@ import mlx.core as mx
 
 from ..formats import indexer_roundtrip
 from ..norm import rms_norm
-from ..rope import apply_rope, cos_sin
-from . import registry
+from ..rope import apply_rope, table
+from . import fuse, registry
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 KERNEL_WIDTHS = (32, 64, 128, 256)
@@ -34,11 +34,17 @@ def _check(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, weight) -> No
 
 def index_finish_reference(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
                            weight: mx.array | None = None, eps: float = 0.0) -> mx.array:
-    """The reference path itself: rms_norm, cos_sin + apply_rope, TrainedFormats.index."""
+    """The reference path itself: rms_norm, cos_sin + apply_rope, TrainedFormats.index, one fused
+    piece after the angle table (kernels/fuse.py)."""
     _check(x, freqs, pos0, pos_step, weight)
-    if weight is not None:
-        x = rms_norm(x, weight, eps)
-    cos, sin = cos_sin(mx.arange(pos0, pos0 + x.shape[1] * pos_step, pos_step), freqs)
+    cos, sin = table(freqs, pos0, x.shape[1], pos_step)
+    w = () if weight is None else (weight,)
+    return fuse.run(_finish, (simulate, float(eps)), x, cos, sin, *w)
+
+
+def _finish(simulate, eps, x, cos, sin, *w):
+    if w:
+        x = rms_norm(x, w[0], eps)
     if x.ndim == 4:
         cos, sin = cos[:, None], sin[:, None]
     x = apply_rope(x, cos, sin)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import registry
+from . import fuse, registry
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 MAX_EXPERTS = 1024  # threadgroup memory holds two floats per expert; a lane owns at most 32 candidates
@@ -44,14 +44,21 @@ def _check(x, weight, k, bias, tid2eid, tokens) -> tuple[int, int, int]:
 
 def route_reference(x: mx.array, weight: mx.array, k: int, route_scale: float, *, bias: mx.array | None = None,
                     tid2eid: mx.array | None = None, tokens: mx.array | None = None) -> tuple[mx.array, mx.array]:
-    """Pure MLX: (weights [N, k] float32, ids [N, k]; int32 when hashed, uint32 from argpartition)."""
+    """Pure MLX: (weights [N, k] float32, ids [N, k]; int32 when hashed, uint32 from argpartition);
+    one fused piece (kernels/fuse.py)."""
     _check(x, weight, k, bias, tid2eid, tokens)
+    sel = (bias,) if tid2eid is None else (tid2eid, tokens)
+    return fuse.run(_route, (k, float(route_scale), tid2eid is not None), x, weight, *sel)
+
+
+def _route(k, route_scale, hashed, x, weight, *sel):
     z = x.astype(mx.float32) @ weight.astype(mx.float32).T
     s = mx.sqrt(mx.logaddexp(z, 0.0))  # stable softplus
-    if tid2eid is not None:
+    if hashed:
+        tid2eid, tokens = sel
         ids = tid2eid[tokens]
     else:
-        biased = s + bias.astype(mx.float32)
+        biased = s + sel[0].astype(mx.float32)
         # selection carries no gradient (training goes through the selected scores only)
         ids = mx.stop_gradient(mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k])
     w = mx.take_along_axis(s, ids, axis=-1)

@@ -15,8 +15,8 @@ import mlx.core as mx
 
 from ..norm import rms_norm
 from ..qat import TrainedFormats
-from ..rope import apply_rope, cos_sin
-from . import registry
+from ..rope import apply_rope, table
+from . import fuse, registry
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 MAX_D = 2048  # the kernel keeps a row in registers: D / 32 floats per lane (q_lora_rank 1536 in Pro)
@@ -48,17 +48,26 @@ def _check(x, freqs, weight, fp8_nope, step, dtype) -> tuple[int, int]:
 def rows_finish_reference(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6,
                           inverse=False, fp8_nope=0, dtype=None, cs=None) -> mx.array:
     """Pure MLX, the model's own ops: x.astype(dtype), rms_norm, cos_sin + apply_rope, TrainedFormats.kv.
-
     cs: cos_sin of these positions when the caller shares one table across calls (attention's q, kv
     and output rotate at the same positions), so a reference decode step builds it once, not thrice;
-    [L, R/2], or [B, L, R/2] for rows at their own positions (batch.py; pos0 is then unused)."""
+    [L, R/2], or [B, L, R/2] for rows at their own positions (batch.py; pos0 is then unused).
+    The chain after the table is one fused piece (kernels/fuse.py)."""
     _check(x, freqs, weight, fp8_nope, step, dtype)
+    L = x.shape[1]
+    rope = ()
+    if freqs is not None:
+        rope = cs if cs is not None else table(freqs, pos0, L, step)
+    w = () if weight is None or not norm else (weight,)
+    static = (dtype, norm, bool(w), float(eps), bool(rope), inverse, fp8_nope)
+    return fuse.run(_finish, static, x, *w, *rope)
+
+
+def _finish(dtype, norm, has_weight, eps, has_rope, inverse, fp8_nope, x, *arrays):
     y = x if dtype is None else x.astype(dtype)
     if norm:
-        y = rms_norm(y, weight, eps)
-    L = x.shape[1]
-    if freqs is not None:
-        cos, sin = cs if cs is not None else cos_sin(mx.arange(pos0, pos0 + L * step, step), freqs)
+        y = rms_norm(y, arrays[0] if has_weight else None, eps)
+    if has_rope:
+        cos, sin = arrays[-2:]
         if x.ndim == 4:  # one angle per position, shared by the heads ([L] or per batch row [B, L] tables)
             cos, sin = cos[..., None, :], sin[..., None, :]
         y = apply_rope(y, cos, sin, inverse=inverse)
