@@ -196,8 +196,8 @@ def test_a_dead_rank_0_ends_the_follower():
     """Without mlx.launch to stop it (killed first, as when the launching Mac goes away): the
     follower's collective fails and it ends by itself, not waiting or spinning forever."""
     s = Launched(["-m", "mlx_dsv4"])
+    ranks = s.ranks()
     try:
-        ranks = s.ranks()
         s.proc.kill()
         s.proc.wait()
         os.kill(ranks[0], signal.SIGKILL)
