@@ -16,6 +16,11 @@ per step, and localhost ring timings.
    on a random tiny Flash-schedule checkpoint with 4 output groups (so 3 ranks can split it by
    tensor): the cost of the transport, as the tiny model computes almost nothing. Tensor mode's
    all_sums per step are counted at run time (TensorShard.calls) and printed beside.
+4. `serve` under mlx.launch: the cost of rank 0's per-iteration message (server/lockstep.py) on
+   2 ranks over 127.0.0.1, empty (one int32 all_sum, the common case while decoding) and holding
+   one new request of 1,000 prompt token ids.
+
+    python benchmarks/distributed.py --parts lockstep   (one part only)
 """
 
 from __future__ import annotations
@@ -68,6 +73,23 @@ class _Rank:
 
 def _official(name: str) -> dict:
     return json.loads((ROOT / "tests/data/configs" / f"{name}.config.json").read_text())
+
+
+SHARED = r"""
+import sys, time
+from mlx_dsv4.distributed import world_group
+from mlx_dsv4.server.lockstep import Lockstep
+ls = Lockstep(world_group())
+job = {{"jobs": [[list(range(1000)), {{"max_tokens": 256, "temperature": 0.0}}]], "cancel": [], "close": False}}
+for message, label in ((None, "EMPTY_US"), (job, "JOB_US")):
+    for _ in range(20):
+        ls.share(message if ls.leader else None)
+    t = time.perf_counter()
+    for _ in range({steps}):
+        ls.share(message if ls.leader else None)
+    if ls.leader:
+        print(f"{{label}} {{(time.perf_counter() - t) / {steps} * 1e6:.0f}}")
+"""
 
 
 def memory_table():
@@ -144,10 +166,25 @@ def timings(ranks, steps):
                 print(f"| {n} | {mode} | {ms} | {calls if mode == 'tensor' else '-'} |")
 
 
+def lockstep(steps):
+    print(f"\n| serve's lockstep message (2 ranks, ring on 127.0.0.1, {steps} shares) | us per share |")
+    print("|---|---|")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from dist_util import env, launch_cmd
+
+    p = subprocess.run(launch_cmd(2, [sys.executable, "-c", SHARED.format(steps=steps)]), env=env(),
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    got = dict(line.split() for line in p.stdout.splitlines() if line.endswith(tuple("0123456789")))
+    for label, what in (("EMPTY_US", "empty (nothing new this iteration)"), ("JOB_US", "one request, 1,000 ids")):
+        print(f"| {what} | {got.get(label, 'failed: ' + p.stderr[-200:])} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--parts", nargs="+", default=["memory", "traffic", "timings", "lockstep"],
+                    choices=["memory", "traffic", "timings", "lockstep"])
     args = ap.parse_args()
     import mlx.core as mx
 
@@ -155,9 +192,14 @@ def main():
 
     print(f"machine: {platform.machine()} {platform.processor() or ''}, MLX {mx.__version__}, "
           f"device {mx.default_device()}, BLAS {loaded_blas()}\n")
-    memory_table()
-    traffic()
-    timings(args.ranks, args.steps)
+    if "memory" in args.parts:
+        memory_table()
+    if "traffic" in args.parts:
+        traffic()
+    if "timings" in args.parts:
+        timings(args.ranks, args.steps)
+    if "lockstep" in args.parts:
+        lockstep(max(args.steps, 200))
 
 
 if __name__ == "__main__":

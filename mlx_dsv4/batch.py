@@ -40,7 +40,8 @@ def step_logits(model, tokens: mx.array, caches: list[list[LayerCache]]) -> mx.a
     """One decode step: row i feeds tokens[i] to its cache list caches[i] -> logits [B, vocab]."""
     if tokens.size != len(caches):
         raise ValueError(f"{tokens.size} tokens for {len(caches)} rows")
-    per_layer = [RowCaches([c[i] for c in caches]) for i in range(len(model.layers))]
+    # one entry per layer this rank holds (all of them in one process; its stage's under mlx.launch)
+    per_layer = [RowCaches([c[i] for c in caches]) for i in range(len(caches[0]))]
     return model(tokens.reshape(-1, 1), cache=per_layer, last_only=True)[:, -1, :]
 
 

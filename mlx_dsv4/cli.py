@@ -373,8 +373,10 @@ def serve(
     batch_cache_gb: Annotated[float, typer.Option(
         "--batch-cache-gb", min=0.0, help="cache memory the requests in flight may need at their full length "
         "(a request that alone needs more still runs, alone)")] = 8.0,
+    sharding: ShardingOpt = "pipeline",
 ):
-    """OpenAI- and Anthropic-compatible HTTP server."""
+    """OpenAI- and Anthropic-compatible HTTP server. Under mlx.launch rank 0 serves, the other ranks
+    run the same steps on their share of the model."""
     check_expert_memory(expert_memory_gb)
     if api_key is None and "MLX_DSV4_API_KEY" in os.environ:  # click reads an empty variable as unset
         api_key = os.environ["MLX_DSV4_API_KEY"]
@@ -382,22 +384,24 @@ def serve(
         fail("--api-key (or MLX_DSV4_API_KEY) is empty: give a non-empty key, or leave it out to serve without one",
              2)
 
-    from .distributed import launched
-
-    if launched() and os.environ.get("MLX_HOSTFILE"):
-        fail("serve under mlx.launch (a model split across Macs) is not available yet; generate and chat are")
-
     def run():
         try:
             from .server.app import serve as do_serve
         except ImportError as e:
             fail(f"the server is not available in this installation ({e})")
+        from .distributed import check_sharding, world_group
+
+        check_sharding(sharding)
+        group = world_group()
+        if group is not None and num_draft_tokens:
+            fail("--num-draft-tokens is not available under mlx.launch: the MTP block sits on the last rank, the "
+                 "embedding it shares on the first")
         do_serve(model, host, port, api_key, max_tokens_limit=max_tokens_limit, max_context=max_context,
                  default_thinking=thinking, prefix_cache_entries=prefix_cache_entries,
                  prefix_cache_bytes=int(prefix_cache_gb * 2**30), log_level=log_level, body_timeout_s=body_timeout,
                  shutdown_grace_s=shutdown_grace, special_in_text=special_in_text, expert_memory_gb=expert_memory_gb,
                  num_draft_tokens=num_draft_tokens, max_batch=max_batch,
-                 batch_cache_bytes=int(batch_cache_gb * 2**30))
+                 batch_cache_bytes=int(batch_cache_gb * 2**30), group=group, sharding=sharding)
 
     run_guarded(run)
 

@@ -81,6 +81,11 @@ class MTPBlock(Block, HCHead):
         return super().__call__(X, next_tokens, cache, qat, experts)
 
 
+def layer_caches(cache: list) -> list[LayerCache]:
+    """The LayerCaches behind `cache`: a batch step's per-layer batch.RowCaches hold one per row."""
+    return [r for c in cache for r in getattr(c, "rows", (c,))]
+
+
 class Remote(nn.Module):
     """A layer held by another rank (pipeline mode): no parameters here."""
 
@@ -171,7 +176,7 @@ class Model(HCHead):
                 if wanted:
                     out.append(self._stage_logits(X, cache, last_only))
                 else:
-                    self.stage.finish(X, None, None, cache)
+                    self.stage.finish(X, None, None, layer_caches(cache))
                 continue
             if not wanted:
                 self._eval(X, cache)  # materialise this chunk before the next
@@ -195,7 +200,7 @@ class Model(HCHead):
         B, L = X.shape[:2]
         shape = (B, 1 if last_only else L, self.args.vocab_size)
         y = self.logits(self.collapse(X[:, -1:] if last_only else X)) if self.stage.last else None
-        return self.stage.finish(X, y, shape, cache)
+        return self.stage.finish(X, y, shape, layer_caches(cache))
 
     def mtp_logits(self, h: mx.array, next_tokens: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
         """Draft logits of the MTP block: h [B, L, hc, d] streams at positions i, next_tokens the

@@ -32,6 +32,9 @@ def test_unknown_sharding_is_one_line_error():
     assert p.returncode == 1 and p.stderr.startswith("error: unknown sharding 'expert'"), p.stderr
 
 
-def test_serve_under_mlx_launch_is_refused_clearly():
-    p = launch(2, [sys.executable, "-m", "mlx_dsv4", "serve", "--model", "tiny", "--port", "1"], timeout=120)
-    assert "error: serve under mlx.launch" in p.stderr and "Uvicorn running" not in p.stderr, p.stderr[-2000:]
+def test_speculative_serve_under_mlx_launch_is_refused_clearly():
+    p = launch(2, [sys.executable, "-m", "mlx_dsv4", "serve", "--model", "tiny-random", "--port", "1",
+                   "--num-draft-tokens", "2"], timeout=120)
+    assert "error: --num-draft-tokens is not available under mlx.launch" in p.stderr, \
+        p.stderr[-2000:]
+    assert "Uvicorn running" not in p.stderr and "loading" not in p.stderr, p.stderr[-2000:]  # refused before loading

@@ -156,6 +156,23 @@ def test_prefix_cache_is_bounded_in_entries_and_bytes():
     assert set(pc.entries) == {(9, 9)}
 
 
+def test_prefix_cache_weighed_by_a_given_size_evicts_alike_whatever_the_ranks_hold():
+    """Under mlx.launch each rank snapshots only its own layers (different bytes per rank): weighed
+    by a size every rank computes alike (the engine's analytic bytes of the key's length), the
+    ranks' caches evict the same entries."""
+    caches = [PrefixCache(max_entries=8, max_bytes=250, weigh=lambda key, _snap: 40 * len(key)) for _ in range(2)]
+    for rank, pc in enumerate(caches):
+        held = 100 if rank == 0 else 10  # rank 0 holds ten times the bytes of rank 1
+        for key in ([1, 2], [3, 4, 5], [6, 7, 8]):
+            pc.store(key + [0], [FakeLayer(len(key), nbytes=held)])
+    assert list(caches[0].entries) == list(caches[1].entries) == [(3, 4, 5), (6, 7, 8)]  # 80+120+120 > 250
+    by_bytes = [PrefixCache(max_entries=8, max_bytes=250) for _ in range(2)]  # control: their own bytes
+    for rank, pc in enumerate(by_bytes):
+        for key in ([1, 2], [3, 4, 5], [6, 7, 8]):
+            pc.store(key + [0], [FakeLayer(len(key), nbytes=100 if rank == 0 else 10)])
+    assert list(by_bytes[0].entries) != list(by_bytes[1].entries)
+
+
 def test_snapshots_of_the_real_cache_are_not_aliased():
     """A resumed snapshot continues exactly like an uninterrupted cache, however often it is reused."""
     model, tok = tiny()

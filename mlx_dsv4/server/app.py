@@ -10,6 +10,8 @@ is tokenized as plain text (tokenizer.PromptTokenizer: only the template's marke
 tokens); a prompt that cannot fit the context is refused before it is tokenized in full; token
 ids are checked against the model's vocabulary before any model call. On shutdown, requests get
 `shutdown_grace_s` to finish, then end with their API's error event (or a 503).
+
+Under mlx.launch rank 0 serves HTTP and the other ranks run the same engine steps (lockstep.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -264,18 +268,20 @@ def create_app(model, tokenizer, *, model_name: str = "deepseek-v4", api_key: st
                default_thinking: bool = False, default_temperature: float = 1.0,
                prefix_cache: PrefixCache | None = None, engine=None, body_timeout_s: float = 60.0,
                shutdown_grace_s: float = 10.0, special_in_text: bool = False, progress=None,
-               num_draft_tokens: int = 0, max_batch: int = 8, batch_cache_bytes: int = 8 << 30) -> FastAPI:
+               num_draft_tokens: int = 0, max_batch: int = 8, batch_cache_bytes: int = 8 << 30,
+               lockstep=None) -> FastAPI:
     """The FastAPI app. `engine` replaces the model-owning Engine (tests script the output with it).
     max_batch: requests decoded together; batch_cache_bytes: what their caches may hold (admission).
     special_in_text: request text may hold control tokens (unsafe: a request can then fake turns,
-    EOS and tool calls). progress(done_bytes, total_bytes) follows the weights as they load."""
+    EOS and tool calls). progress(done_bytes, total_bytes) follows the weights as they load.
+    lockstep (lockstep.Lockstep): rank 0 of a model split by mlx.launch."""
     from . import anthropic_api, openai_api, responses_api
 
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: give a non-empty key, or none to serve without one")
     engine = engine if engine is not None else Engine(model, tokenizer, prefix_cache, progress=progress,
                                                       num_draft_tokens=num_draft_tokens, max_batch=max_batch,
-                                                      cache_budget=batch_cache_bytes)
+                                                      cache_budget=batch_cache_bytes, lockstep=lockstep)
     context = model.args.max_position_embeddings
     srv = Server(tokenizer, engine, model_name=model_name, vocab_size=model.args.vocab_size,
                  max_tokens_limit=max_tokens_limit,
@@ -348,10 +354,15 @@ def serve(model: str = "deepseek-ai/DeepSeek-V4-Flash", host: str = "127.0.0.1",
           api_key: str | None = None, max_tokens_limit: int = 65536, max_body_bytes: int = 32 << 20,
           max_context: int | None = None, default_thinking: bool = False, prefix_cache_entries: int = 8,
           prefix_cache_bytes: int = 4 << 30, log_level: str = "info", expert_memory_gb: float | None = None,
-          **kw) -> None:
-    """Load `model` (Hub id, directory or "tiny") once and serve it until interrupted."""
+          group=None, sharding: str = "pipeline", **kw) -> None:
+    """Load `model` (Hub id, directory or "tiny") once and serve it until interrupted. group: the
+    ranks mlx.launch started (each loads its share by `sharding`); rank 0 serves, the others follow."""
     from ..load import load
+    from .lockstep import Lockstep
 
+    lockstep = Lockstep(group) if group is not None else None
+    if lockstep is not None and not lockstep.leader:
+        return follow(model, lockstep, sharding, expert_memory_gb, prefix_cache_entries, prefix_cache_bytes, **kw)
     if api_key is not None and not api_key.strip():
         raise ValueError("--api-key is empty: give a non-empty key, or leave the option out to serve without one")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -365,7 +376,7 @@ def serve(model: str = "deepseek-ai/DeepSeek-V4-Flash", host: str = "127.0.0.1",
     try:
         t0 = time.perf_counter()
         print(f"loading {model} ...", file=sys.stderr, flush=True)
-        m, tok = load(model, expert_memory_gb=expert_memory_gb)
+        m, tok = load(model, expert_memory_gb=expert_memory_gb, group=group, sharding=sharding)
         shown = [-1]
 
         def progress(done: int, total: int):  # one line per tenth, not a line per tensor
@@ -377,12 +388,31 @@ def serve(model: str = "deepseek-ai/DeepSeek-V4-Flash", host: str = "127.0.0.1",
 
         app = create_app(m, tok, model_name=str(model), api_key=api_key, max_tokens_limit=max_tokens_limit,
                          max_body_bytes=max_body_bytes, max_context=max_context, default_thinking=default_thinking,
-                         prefix_cache=PrefixCache(prefix_cache_entries, prefix_cache_bytes), progress=progress, **kw)
+                         prefix_cache=PrefixCache(prefix_cache_entries, prefix_cache_bytes), progress=progress,
+                         lockstep=lockstep, **kw)
         print(f"loaded {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     except BaseException:
         sock.close()
         raise
+    if lockstep is not None:  # SIGTERM is uvicorn's graceful shutdown now, not the loading-time watcher's exit
+        signal.set_wakeup_fd(-1)
     try:
         uvicorn_server(app, host, port, log_level).run(sockets=[sock])
     finally:
-        app.state.server.engine.close()
+        app.state.server.engine.close()  # in lockstep this also ends the other ranks
+
+
+def follow(model: str, lockstep, sharding: str, expert_memory_gb: float | None, prefix_cache_entries: int,
+           prefix_cache_bytes: int, max_batch: int = 8, batch_cache_bytes: int = 8 << 30, num_draft_tokens: int = 0,
+           **_http) -> None:
+    """A rank > 0 under mlx.launch: load this rank's share and run rank 0's engine steps, no HTTP,
+    until rank 0 shuts down (its last message) or dies (the collective fails: one error line)."""
+    from ..load import load
+
+    m, tok = load(model, expert_memory_gb=expert_memory_gb, group=lockstep.group, sharding=sharding)
+    engine = Engine(m, tok, PrefixCache(prefix_cache_entries, prefix_cache_bytes), num_draft_tokens=num_draft_tokens,
+                    max_batch=max_batch, cache_budget=batch_cache_bytes, lockstep=lockstep)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every rank: rank 0 decides when all end
+    engine.thread.join()
+    sys.stderr.flush()
+    os._exit(0)  # done: skip interpreter teardown, where MLX's ring group aborts on its live threads

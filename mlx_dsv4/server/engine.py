@@ -14,12 +14,20 @@ snapshots keyed by the token prefix they hold, taken at the end of each prompt b
 (prefill prompt[:-1], snapshot, then generate: a follow-up turn that re-encodes the reply
 differently still shares the prompt) and after each reply. A new prompt resumes from the longest
 stored prefix that leaves at least one token to feed.
+
+Under mlx.launch (lockstep.py) every rank runs this loop: rank 0 with the HTTP server, the others
+fed by its messages. What enters the loop (new jobs, cancellations, shutdown) is read only at the
+top of an iteration and shared first, so every rank makes the same model calls; the prefix cache
+then weighs its snapshots by their analytic size (the same on every rank, each of which holds only
+its own layers) so that every rank evicts the same entries.
 """
 
 from __future__ import annotations
 
 import queue
+import random
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -31,6 +39,11 @@ from ..cache_size import cache_bytes
 from ..generate import prefill, stream_generate
 
 DONE = object()  # emitted after a job's last response (or its error)
+IDLE_TICK = 0.1  # s: in lockstep an idle rank 0 shares (nothing) this often; the ring backend's wait spins
+
+
+def _nowhere(_item) -> None:
+    """A follower rank's jobs answer nobody: rank 0 alone serves HTTP."""
 
 
 class Job:
@@ -40,17 +53,22 @@ class Job:
         self.done = threading.Event()
         self.cached = 0  # prompt tokens resumed from a snapshot
         self.finish_reason: str | None = None  # as the generator reported it; "skipped" if never started
+        self.cancel_shared = False  # lockstep: its cancellation went out to the other ranks
 
     def cancel(self) -> None:
         self.cancelled.set()
 
 
 class PrefixCache:
-    """LRU snapshots of the whole per-layer cache, keyed by the token prefix they hold."""
+    """LRU snapshots of the whole per-layer cache, keyed by the token prefix they hold.
+    weigh(key, snapshot) -> bytes counted against max_bytes (default: the snapshot's own)."""
 
-    def __init__(self, max_entries: int = 8, max_bytes: int = 4 << 30):
+    def __init__(self, max_entries: int = 8, max_bytes: int = 4 << 30,
+                 weigh: Callable[[tuple, list], int] | None = None):
         self.entries: OrderedDict[tuple, list] = OrderedDict()
+        self.sizes: dict[tuple, int] = {}
         self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.weigh = weigh or (lambda _key, snapshot: sum(c.nbytes for c in snapshot))
         self.lock = threading.Lock()
 
     def lookup(self, tokens: list[int]) -> tuple[int, list | None]:
@@ -69,18 +87,19 @@ class PrefixCache:
             return
         snapshot = [c.copy() for c in cache]
         with self.lock:
-            self.entries[key] = snapshot
+            self.entries[key], self.sizes[key] = snapshot, self.weigh(key, snapshot)
             self.entries.move_to_end(key)
             # the newest entry stays even when it alone exceeds the byte bound
             while len(self.entries) > self.max_entries or (len(self.entries) > 1 and self._nbytes() > self.max_bytes):
-                self.entries.popitem(last=False)
+                del self.sizes[self.entries.popitem(last=False)[0]]
 
     def clear(self) -> None:
         with self.lock:
             self.entries.clear()
+            self.sizes.clear()
 
     def _nbytes(self) -> int:
-        return sum(c.nbytes for cache in self.entries.values() for c in cache)
+        return sum(self.sizes.values())
 
     @property
     def nbytes(self) -> int:
@@ -91,7 +110,12 @@ class PrefixCache:
 class Engine:
     def __init__(self, model, tokenizer, prefix_cache: PrefixCache | None = None, prefill_step: int = 512,
                  progress: Callable[[int, int], None] | None = None, num_draft_tokens: int = 0,
-                 max_batch: int = 8, cache_budget: int = 8 << 30):
+                 max_batch: int = 8, cache_budget: int = 8 << 30, lockstep=None):
+        """lockstep (lockstep.Lockstep): under mlx.launch, run in step with the other ranks; on a
+        follower rank (not the leader) jobs come from rank 0, not submit()."""
+        if num_draft_tokens and lockstep is not None:
+            raise ValueError("--num-draft-tokens is not available under mlx.launch: the MTP block sits on the last "
+                             "rank, the embedding it shares on the first")
         if num_draft_tokens and not model.mtp:
             raise ValueError("--num-draft-tokens needs an MTP layer, and this checkpoint has none")
         if not (isinstance(max_batch, int) and max_batch >= 1):
@@ -109,6 +133,9 @@ class Engine:
                     progress(done, total)
         self.model, self.tokenizer = model, tokenizer
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache()
+        self.lockstep = lockstep
+        if lockstep is not None:  # each rank holds its own layers' bytes: weigh what every rank computes alike
+            self.prefix.weigh = lambda key, _snapshot: self.row_bytes(len(key))
         self.prefill_step = prefill_step
         # every request drafts with the MTP layer: greedy output is unchanged, sampling keeps its law
         self.num_draft_tokens = num_draft_tokens
@@ -133,7 +160,8 @@ class Engine:
         """The analytic cache bytes of one sequence of n_tokens in this model's cache format."""
         m = self.model
         fmt = "compact" if m.qat.simulate else "bf16"
-        return cache_bytes(m.args, n_tokens, fmt, m.layers[0].attn_norm.weight.dtype.size)["total"]
+        size = m.layers[m.owned[0]].attn_norm.weight.dtype.size  # a layer this rank holds (all load alike)
+        return cache_bytes(m.args, n_tokens, fmt, size)["total"]
 
     def admits(self, plan, running: list) -> bool:
         need = sum(self.row_bytes(len(p.ids) + p.max_tokens) for p in [plan, *running])
@@ -190,15 +218,7 @@ class Engine:
         live: dict[int, tuple] = {}  # uid -> (job, generated tokens, its generation plan)
         closing = False  # close() was called: the jobs already submitted finish, then the thread ends
         while True:
-            try:  # block for work only when nothing is in flight
-                while not closing:
-                    job = self.jobs.get(block=not len(gen))
-                    if job is None:
-                        closing = True
-                    else:
-                        self._join(gen, job, live)
-            except queue.Empty:
-                pass
+            closing = self._intake(gen, live, closing) if self.lockstep is None else self._shared(gen, live, closing)
             if closing and not len(gen):
                 return
             try:
@@ -228,12 +248,65 @@ class Engine:
                 self._end(job)
             self.waiting = sum(1 for j, g, _ in live.values() if not g and j.finish_reason is None)
 
+    def _intake(self, gen: BatchGenerator, live: dict, closing: bool) -> bool:
+        """Join the submitted jobs; blocks for work only when nothing is in flight. -> closing"""
+        try:
+            while not closing:
+                job = self.jobs.get(block=not len(gen))
+                if job is None:
+                    closing = True
+                else:
+                    self._join(gen, job, live)
+        except queue.Empty:
+            pass
+        return closing
+
+    def _shared(self, gen: BatchGenerator, live: dict, closing: bool) -> bool:
+        """_intake in lockstep: rank 0 sends what entered since the last iteration (new jobs, the
+        uids of rows whose client left, shutdown), then every rank applies it alike. -> closing"""
+        idle = not len(gen) and not closing
+        message, jobs, was_closing = None, [], closing
+        if self.lockstep.leader:
+            block = idle
+            while not closing:
+                try:  # while idle, wake every tick: the followers wait in the next share meanwhile
+                    job = self.jobs.get(timeout=IDLE_TICK) if block else self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                block = False
+                if job is None:
+                    closing = True
+                elif job.cancelled.is_set():  # never shared: the other ranks never hear of it
+                    job.finish_reason = "skipped"
+                    self._end(job)
+                else:
+                    if job.params.get("seed") is None and job.params.get("temperature", 0.0) > 0:
+                        job.params = dict(job.params, seed=random.getrandbits(63))  # every rank draws alike
+                    jobs.append(job)
+            cancel = [uid for uid, (job, *_) in live.items() if job.cancelled.is_set() and not job.cancel_shared]
+            for uid in cancel:
+                live[uid][0].cancel_shared = True
+            if jobs or cancel or closing != was_closing:
+                message = {"jobs": [[j.tokens, j.params] for j in jobs], "cancel": cancel, "close": closing}
+        elif idle:
+            time.sleep(IDLE_TICK)  # rank 0 shares about then: wait here, not spinning in the collective
+        message = self.lockstep.share(message)
+        if message is None:
+            return closing
+        if not self.lockstep.leader:
+            jobs = [Job(tokens, params, _nowhere) for tokens, params in message["jobs"]]
+        for job in jobs:
+            self._join(gen, job, live)
+        for uid in message["cancel"]:
+            gen.cancel(uid)
+        return closing or message["close"]
+
     def _new_batch(self) -> BatchGenerator:
         return BatchGenerator(self.model, self.tokenizer, self.max_batch, self.prefill_step, admit=self.admits,
                               prefilled=lambda plan: self.prefix.store(plan.ids, plan.cache))
 
     def _join(self, gen: BatchGenerator, job: Job, live: dict) -> None:
-        if job.cancelled.is_set():
+        if job.cancelled.is_set() and self.lockstep is None:
             job.finish_reason = "skipped"
             return self._end(job)
         try:
@@ -242,7 +315,9 @@ class Engine:
                 raise ValueError(f"prompt token ids outside the model's vocabulary [0, {vocab})")
             n, cache = self.prefix.lookup(toks)
             job.cached = n
-            uid = gen.insert(toks, should_stop=job.cancelled.is_set, prompt_cache=cache, **job.params)
+            # in lockstep a cancellation arrives as a message (gen.cancel), never read mid-step
+            stop = job.cancelled.is_set if self.lockstep is None else None
+            uid = gen.insert(toks, should_stop=stop, prompt_cache=cache, **job.params)
         except Exception as e:  # noqa: BLE001 - reported to its request
             return self._end(job, e)
         live[uid] = (job, [], gen.plan(uid))
