@@ -9,13 +9,14 @@ output is rotated back by the query's position before the grouped low-rank outpu
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 
 from .cache import LayerCache
 from .compressor import Compressor
 from .config import ModelArgs
 from .indexer import Indexer
-from .kernels.attention import sparse_attention
+from .kernels.attention import rows_attention, sparse_attention
 from .kernels import registry
 from .kernels.rows_finish import rows_finish
 from .norm import RMSNorm
@@ -76,8 +77,11 @@ class Attention(nn.Module):
                 raise ValueError(f"{len(rows)} row caches for a batch of {B}")
             starts = [c.offset for c in rows]
             q, kv, cs = self.finish_rows(q, kv, starts, qat)
-            o = mx.concatenate([self.attend(x[i : i + 1], qr[i : i + 1], q[i : i + 1], kv[i : i + 1], c, qat,
-                                            finished=True) for i, c in enumerate(rows)], axis=0)
+            if L == 1 and not registry.use_kernels():
+                o = self.attend_rows(x, qr, q, kv, rows, qat, cs)
+            else:  # the kernels take one scalar position: row by row
+                o = mx.concatenate([self.attend(x[i : i + 1], qr[i : i + 1], q[i : i + 1], kv[i : i + 1], c, qat,
+                                                finished=True) for i, c in enumerate(rows)], axis=0)
             o = self._finish(o, starts, lambda t, p0, c: rows_finish(t, self._freqs, p0, inverse=True, cs=c), cs)
         return self.grouped_out(o.reshape(B, L, a.n_heads * a.head_dim))
 
@@ -102,6 +106,51 @@ class Attention(nn.Module):
         if not registry.use_kernels():
             return fn(t, starts[0], cs)
         return mx.concatenate([fn(t[i : i + 1], p0, None) for i, p0 in enumerate(starts)], axis=0)
+
+    def attend_rows(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, rows: list[LayerCache], qat,
+                    cs) -> mx.array:
+        """`attend` (finished=True) for one token per row, each row at its own offset, on the reference path:
+        the compressor and indexer projections over all rows at once, the windows completed this step
+        pooled together, the cache pushes per row, then one attention over every row's window rows and
+        compressed (or selected) entries, padded to a common length and masked. cs: finish_rows' table."""
+        a = self.args
+        B, D = x.shape[0], a.head_dim
+        nope_fp8 = D - a.rope_head_dim if qat.simulate else 0
+        if self.ratio:
+            e, done = self.compressor.call_rows(x, [c.offset for c in rows], [c.comp_state for c in rows],
+                                                self._freqs, x.dtype, nope_fp8)
+            for (i, _), ei in zip(done, mx.split(e, len(done)) if done else ()):
+                rows[i].push_compressed(ei)
+        ids = [None] * B
+        if self.ratio == 4:
+            ids = self.indexer.select_rows(x, qr, rows, self._freqs, qat.simulate, a.index_topk, cs)
+        # After its push a row's window is exactly what its query sees: the last window_size positions.
+        for c, k in zip(rows, mx.split(kv, B)):
+            c.push_window(k)
+            c.offset += 1
+        segs, seen = [], []  # per row: key pieces [1, n, D] and what its query sees of them
+        for c, idx in zip(rows, ids):
+            parts, vis = [c.window], [np.ones(c.window.shape[1], bool)]
+            if idx is not None:  # the selection, gathered ([1, 1, k] ids, -1 = none)
+                parts.append(c.compressed_store.take(mx.maximum(idx, 0)).reshape(1, idx.shape[-1], D))
+                vis.append(idx.reshape(-1) >= 0)
+            elif self.ratio and c.n_compressed:  # every causally complete entry
+                parts.append(c.compressed)
+                vis.append(np.arange(c.n_compressed) < c.offset // self.ratio)
+            segs.append(parts)
+            seen.append(vis)
+        S = max(sum(p.shape[1] for p in parts) for parts in segs)
+        pieces, masks = [], []
+        for parts, vis in zip(segs, seen):
+            pad = S - sum(p.shape[1] for p in parts)
+            pieces += parts + ([mx.zeros((1, pad, D), parts[0].dtype)] if pad else [])
+            vis = vis + [np.zeros(pad, bool)]
+            masks.append(np.concatenate(vis) if all(isinstance(v, np.ndarray) for v in vis)
+                         else mx.concatenate([mx.array(v) for v in vis]))
+        keys = mx.concatenate(pieces, axis=1).reshape(B, S, D)
+        mask = (mx.array(np.stack(masks)) if all(isinstance(m, np.ndarray) for m in masks)
+                else mx.stack([mx.array(m) for m in masks]))
+        return rows_attention(q, keys, mask[:, None], self.attn_sink, D ** -0.5)
 
     def attend(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, cache: LayerCache, qat,
                finished: bool = False) -> mx.array:

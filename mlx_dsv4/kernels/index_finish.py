@@ -33,14 +33,16 @@ def _check(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, weight) -> No
 
 
 def index_finish_reference(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
-                           weight: mx.array | None = None, eps: float = 0.0) -> mx.array:
-    """The reference path itself: rms_norm, cos_sin + apply_rope, TrainedFormats.index."""
+                           weight: mx.array | None = None, eps: float = 0.0, cs=None) -> mx.array:
+    """The reference path itself: rms_norm, cos_sin + apply_rope, TrainedFormats.index.
+    cs: cos_sin of the positions, [L, R/2] or per batch row [B, L, R/2] (rows at their own positions,
+    batch.py; pos0 / pos_step are then unused)."""
     _check(x, freqs, pos0, pos_step, weight)
     if weight is not None:
         x = rms_norm(x, weight, eps)
-    cos, sin = cos_sin(mx.arange(pos0, pos0 + x.shape[1] * pos_step, pos_step), freqs)
+    cos, sin = cs if cs is not None else cos_sin(mx.arange(pos0, pos0 + x.shape[1] * pos_step, pos_step), freqs)
     if x.ndim == 4:
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = cos[..., None, :], sin[..., None, :]
     x = apply_rope(x, cos, sin)
     return indexer_roundtrip(x).astype(x.dtype) if simulate else x
 
@@ -73,8 +75,9 @@ def index_finish_kernel(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, 
 
 
 def index_finish(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
-                 weight: mx.array | None = None, eps: float = 0.0) -> mx.array:
-    """Finished indexer q / keys in x.dtype: the kernel on Metal, the reference otherwise."""
-    if registry.use_kernels() and _kernel_ok(x, freqs):
+                 weight: mx.array | None = None, eps: float = 0.0, cs=None) -> mx.array:
+    """Finished indexer q / keys in x.dtype: the kernel on Metal, the reference otherwise or with a
+    per-row angle table `cs` (the kernel takes one scalar position)."""
+    if cs is None and registry.use_kernels() and _kernel_ok(x, freqs):
         return index_finish_kernel(x, freqs, pos0, pos_step, simulate, weight, eps)
-    return index_finish_reference(x, freqs, pos0, pos_step, simulate, weight, eps)
+    return index_finish_reference(x, freqs, pos0, pos_step, simulate, weight, eps, cs)
