@@ -128,29 +128,49 @@ class Attention(nn.Module):
         for c, k in zip(rows, mx.split(kv, B)):
             c.push_window(k)
             c.offset += 1
-        segs, seen = [], []  # per row: key pieces [1, n, D] and what its query sees of them
-        for c, idx in zip(rows, ids):
-            parts, vis = [c.window], [np.ones(c.window.shape[1], bool)]
-            if idx is not None:  # the selection, gathered ([1, 1, k] ids, -1 = none)
-                parts.append(c.compressed_store.take(mx.maximum(idx, 0)).reshape(1, idx.shape[-1], D))
-                vis.append(idx.reshape(-1) >= 0)
-            elif self.ratio and c.n_compressed:  # every causally complete entry
-                parts.append(c.compressed)
-                vis.append(np.arange(c.n_compressed) < c.offset // self.ratio)
-            segs.append(parts)
-            seen.append(vis)
-        S = max(sum(p.shape[1] for p in parts) for parts in segs)
-        pieces, masks = [], []
-        for parts, vis in zip(segs, seen):
-            pad = S - sum(p.shape[1] for p in parts)
-            pieces += parts + ([mx.zeros((1, pad, D), parts[0].dtype)] if pad else [])
-            vis = vis + [np.zeros(pad, bool)]
-            masks.append(np.concatenate(vis) if all(isinstance(v, np.ndarray) for v in vis)
-                         else mx.concatenate([mx.array(v) for v in vis]))
-        keys = mx.concatenate(pieces, axis=1).reshape(B, S, D)
-        mask = (mx.array(np.stack(masks)) if all(isinstance(m, np.ndarray) for m in masks)
-                else mx.stack([mx.array(m) for m in masks]))
+        keys, mask = self._row_keys(rows, ids)
         return rows_attention(q, keys, mask[:, None], self.attn_sink, D ** -0.5)
+
+    def _row_keys(self, rows: list[LayerCache], ids: list) -> tuple[mx.array, mx.array]:
+        """Every row's keys [B, S, D] (its window rows, then its compressed entries: all of them, or its
+        selection ids[i] [1, 1, k]) padded to a common length, and the mask [B, S] of what its query sees.
+        One gather per stored component over the rows' concatenated buffers, whatever B: the padding
+        slots read some real row (finite), which the mask gives probability exactly 0."""
+        B = len(rows)
+        wins = [c.window for c in rows]
+        n_w = [w.shape[1] for w in wins]
+        W, base = max(n_w), np.cumsum([0] + n_w[:-1])
+        take = np.where(np.arange(W) < np.array(n_w)[:, None], base[:, None] + np.arange(W), 0).astype(np.int32)
+        flat = mx.concatenate(wins, axis=1)
+        keys = mx.take(flat.reshape(-1, flat.shape[-1]), mx.array(take), axis=0)  # [B, W, D]
+        mask = np.arange(W) < np.array(n_w)[:, None]
+        stores = [c.compressed_store for c in rows]
+        n_c = [0 if i is not None else (s.n if self.ratio else 0) for s, i in zip(stores, ids)]
+        n_k = [n if i is None else i.shape[-1] for n, i in zip(n_c, ids)]
+        K = max(n_k)
+        if not K:
+            return keys, mx.array(mask)
+        full = [s for s in stores if s.n]  # the stores read: those holding entries
+        n_s = [s.n for s in full]
+        base_s = dict(zip(map(id, full), np.cumsum([0] + n_s[:-1])))
+        ctake = np.zeros((B, K), np.int32)
+        cmask = np.zeros((B, K), bool)
+        for r, (c, n) in enumerate(zip(rows, n_c)):
+            if n:  # all causally complete entries
+                ctake[r, :n] = base_s[id(stores[r])] + np.arange(n)
+                cmask[r, :n] = np.arange(n) < c.offset // self.ratio
+        ctake, cmask = mx.array(ctake), mx.array(cmask)
+        for r, i in enumerate(ids):
+            if i is not None:  # the selection (-1 = none)
+                i = i.reshape(-1)
+                ctake[r, : i.size] = mx.maximum(i, 0) + int(base_s[id(stores[r])])
+                cmask[r, : i.size] = i >= 0
+        parts = {}
+        for name in full[0].parts:
+            flat = mx.concatenate([s.parts[name][:, : s.n] for s in full], axis=1)
+            parts[name] = mx.take(flat.reshape(-1, *flat.shape[2:]), ctake, axis=0)  # [B, K, ...]
+        comp = full[0].decode(parts, None)
+        return mx.concatenate([keys, comp], axis=1), mx.concatenate([mx.array(mask), cmask], axis=1)
 
     def attend(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, cache: LayerCache, qat,
                finished: bool = False) -> mx.array:
