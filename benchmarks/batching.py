@@ -142,7 +142,8 @@ def main():
     for i, p in enumerate(s["pairs"]):
         print(f"server (tiny, --max-batch 8, {a.tokens} tokens per request), pair {i + 1}: one at a time "
               f"{p['sequential_tps']:.1f} tok/s, 8 at once {p['concurrent_tps']:.1f} tok/s, ratio {p['ratio']:.2f}x")
-    print(f"server: median pair ratio {s['ratio']:.2f}x ({s['concurrent_tps']:.1f} against {s['sequential_tps']:.1f} tok/s)")
+    print(f"server: median pair ratio {s['ratio']:.2f}x ({s['concurrent_tps']:.1f} against "
+          f"{s['sequential_tps']:.1f} tok/s)")
     print(f"4-token request: alone {s['short_solo_s']:.3f} s, during a long generation {s['short_busy_s']:.3f} s "
           f"({s['short_latency_ratio']:.2f}x)")
     finish(out, a.json)

@@ -9,8 +9,8 @@ output is rotated back by the query's position before the grouped low-rank outpu
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 
 from .cache import LayerCache
 from .compressor import Compressor

@@ -108,7 +108,8 @@ class Compressor(nn.Module):
             D, m = self.out_dim, self.ratio
             wins = [w if w[2] is not None else (*w[:2], mx.zeros((1, m, D), mx.float32),
                                                 mx.full((1, m, D), -mx.inf, mx.float32)) for w in wins]
-        parts = [mx.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in list(zip(*wins))[: 4 if self.overlap else 2]]
+        cols = list(zip(*wins))[: 4 if self.overlap else 2]
+        parts = [mx.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in cols]
         return compressor_pool(*parts, *([] if self.overlap else [None, None]), self.overlap), done
 
     def __call__(self, x, start, state, freqs, dtype, fp8_nope: int) -> mx.array:

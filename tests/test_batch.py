@@ -207,7 +207,8 @@ def test_rows_attention_with_padding_equals_each_rows_reference_attention():
             seen = np.arange(store.n) < (t + 1) // ratio
         pieces.append((q, mx.concatenate([win, comp], axis=1), np.concatenate([np.ones(r["W"], bool), seen])))
     S = max(k.shape[1] for _, k, _ in pieces)
-    pad = lambda k: mx.concatenate([k, mx.array(rng.standard_normal((1, S - k.shape[1], D)).astype(np.float32))], 1)  # noqa: E731
+    junk = lambda n: mx.array(rng.standard_normal((1, n, D)).astype(np.float32))  # noqa: E731
+    pad = lambda k: mx.concatenate([k, junk(S - k.shape[1])], axis=1)  # noqa: E731
     q = mx.concatenate([p[0] for p in pieces])
     keys = mx.concatenate([pad(p[1]) for p in pieces])
     mask = np.stack([np.concatenate([p[2], np.zeros(S - p[2].size, bool)]) for p in pieces])
