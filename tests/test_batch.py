@@ -8,11 +8,14 @@ The tiny-random Flash schedule is [0, 0, 4, 128, 4] with a 128-token window: pro
 128 and 256 put the rows' CSA / HCA window completions and window evictions at different steps.
 """
 
+import types
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from tinymodels import mlx_model
 
+from mlx_dsv4 import attention
 from mlx_dsv4.batch import BatchGenerator, batch_generate, step_logits
 from mlx_dsv4.cache_size import cache_bytes
 from mlx_dsv4.generate import generate, prefill, stream_generate
@@ -225,14 +228,19 @@ def test_rows_attention_with_padding_equals_each_rows_reference_attention():
         assert mx.abs(wrong - want).max().item() == mx.abs(wrong[row] - want[row]).max().item()
 
 
-def test_batched_step_leaves_each_rows_cache_as_its_solo_step_does(tiny):
+@pytest.mark.parametrize("per_row", [False, True], ids=["batched", "per-row"])
+def test_batched_step_leaves_each_rows_cache_as_its_solo_step_does(tiny, monkeypatch, per_row):
     """One batched decode step (step_logits) against each row's plain solo step: every layer's cache (window,
     compressed entries, indexer keys, compressor leftovers and overlap halves) ends equal. The rows feed
     positions 3 (the first ratio-4 window completes, no previous window), 7 (the second, with one),
     127 (ratio 128 and ratio 4 complete), 200 and 64 (none completes; the indexer selects, top-k 16 < 50).
     Tolerance: the batched projections are [B, d] matmuls where the solo ones are [1, d] (BLAS order,
-    ~1e-6 relative); a row pooled with another row's phase or position is off by O(1)."""
+    ~1e-6 relative); a row pooled with another row's phase or position is off by O(1). per-row: the path
+    taken where the kernels run (Attention sees use_kernels(); every other module keeps its reference)."""
     model, _ = tiny
+    if per_row:
+        monkeypatch.setattr(attention, "registry", types.SimpleNamespace(use_kernels=lambda: True))
+        monkeypatch.setattr(attention.Attention, "attend_rows", lambda *a: pytest.fail("the batched attention ran"))
     ps = prompts([3, 7, 127, 200, 64], seed=17)
     caches = [model.make_cache() for _ in ps]
     for p, c in zip(ps, caches):
