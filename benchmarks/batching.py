@@ -1,12 +1,14 @@
 """Continuous batching: decode throughput by rows in flight, and the server under concurrent requests.
 
-    python benchmarks/batching.py [--rows 1,2,4,8] [--tokens 32] [--prompt 64] [--parts rows,server] [--json out.json]
+    python benchmarks/batching.py [--rows 1,2,4,8] [--tokens 32] [--prompt 64] [--parts rows,server] [--repeats 3]
+                                  [--json out.json]
 
 1. BatchGenerator decode steps with 1, 2, 4, 8 rows (prompts of `--prompt` tokens, prefilled first, then
    `--tokens` greedy tokens each) on the bench model (Flash's layer schedule and attention geometry)
    and the trained tiny: aggregate tok/s (all rows) and per-stream tok/s.
 2. The server (tiny model, in-process uvicorn, --max-batch 8): 8 requests of `--tokens` greedy tokens
-   one at a time, then all 8 at once; aggregate generation rate of each and their ratio (same run).
+   one at a time, then all 8 at once; aggregate generation rate of each and their ratio, `--repeats`
+   such pairs in the same run (each pair's ratio compares neighbouring phases; the median is reported).
 3. Latency of a 4-token request alone, and submitted while a long generation runs.
 Figures depend on the machine and on its load: the machine, BLAS and settings are printed with them.
 """
@@ -82,18 +84,24 @@ def completion(url: str, prompt: str, n: int) -> tuple[int, float]:
     return r["usage"]["completion_tokens"], time.perf_counter() - tic
 
 
-def server_bench(model, tok, tokens: int) -> dict:
+def server_bench(model, tok, tokens: int, repeats: int = 1) -> dict:
+    """`repeats` pairs of phases, each 8 requests one at a time then all 8 at once: the machine's load
+    drifts, so each pair's ratio compares neighbouring phases; the median pair is reported."""
     url, stop = serve(model, tok, 8)
     try:
         prompts = [f"def function_number_{i}(x):\n    return" for i in range(8)]
         completion(url, prompts[0], 2)  # warm-up
-        tic = time.perf_counter()
-        seq = sum(completion(url, p, tokens)[0] for p in prompts)
-        t_seq = time.perf_counter() - tic
-        tic = time.perf_counter()
-        with ThreadPoolExecutor(8) as ex:
-            con = sum(n for n, _ in ex.map(lambda p: completion(url, p, tokens), prompts))
-        t_con = time.perf_counter() - tic
+        pairs = []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            seq = sum(completion(url, p, tokens)[0] for p in prompts)
+            t_seq = time.perf_counter() - tic
+            tic = time.perf_counter()
+            with ThreadPoolExecutor(8) as ex:
+                con = sum(n for n, _ in ex.map(lambda p: completion(url, p, tokens), prompts))
+            t_con = time.perf_counter() - tic
+            pairs.append({"sequential_tps": seq / t_seq, "concurrent_tps": con / t_con,
+                          "ratio": (con / t_con) / (seq / t_seq)})
         short = [completion(url, "import os\n", 4)[1] for _ in range(3)]
         with ThreadPoolExecutor(1) as ex:
             long = ex.submit(completion, url, "class LongStory:\n", 10 * tokens)
@@ -102,9 +110,9 @@ def server_bench(model, tok, tokens: int) -> dict:
             long.result()
     finally:
         stop()
-    return {"sequential_tps": seq / t_seq, "concurrent_tps": con / t_con, "ratio": (con / t_con) / (seq / t_seq),
-            "tokens_per_request": tokens, "short_solo_s": min(short), "short_busy_s": max(busy),
-            "short_latency_ratio": max(busy) / min(short)}
+    mid = sorted(pairs, key=lambda p: p["ratio"])[len(pairs) // 2]
+    return {**mid, "pairs": pairs, "tokens_per_request": tokens, "short_solo_s": min(short),
+            "short_busy_s": max(busy), "short_latency_ratio": max(busy) / min(short)}
 
 
 def main():
@@ -113,6 +121,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--parts", default="rows,server", help="which parts to run: rows, server")
+    ap.add_argument("--repeats", type=int, default=3, help="server: pairs of phases (one at a time, 8 at once)")
     ap.add_argument("--json")
     a = ap.parse_args()
     rows = [int(r) for r in a.rows.split(",")]
@@ -129,9 +138,12 @@ def main():
                   f"per stream {r['per_stream_tps']:6.1f} tok/s", flush=True)
     if "server" not in a.parts:
         return finish(out, a.json)
-    s = out["server"] = server_bench(tiny_model, tok, a.tokens)
-    print(f"server (tiny, --max-batch 8, {a.tokens} tokens per request): one at a time {s['sequential_tps']:.1f} "
-          f"tok/s, 8 at once {s['concurrent_tps']:.1f} tok/s, ratio {s['ratio']:.2f}x")
+    s = out["server"] = server_bench(tiny_model, tok, a.tokens, a.repeats)
+    for i, p in enumerate(s["pairs"]):
+        print(f"server (tiny, --max-batch 8, {a.tokens} tokens per request), pair {i + 1}: one at a time "
+              f"{p['sequential_tps']:.1f} tok/s, 8 at once {p['concurrent_tps']:.1f} tok/s, ratio {p['ratio']:.2f}x")
+    print(f"server: median pair ratio {s['ratio']:.2f}x ({s['concurrent_tps']:.1f} against "
+          f"{s['sequential_tps']:.1f} tok/s)")
     print(f"4-token request: alone {s['short_solo_s']:.3f} s, during a long generation {s['short_busy_s']:.3f} s "
           f"({s['short_latency_ratio']:.2f}x)")
     finish(out, a.json)

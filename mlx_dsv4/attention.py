@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .cache import LayerCache
 from .compressor import Compressor
 from .config import ModelArgs
 from .indexer import Indexer
-from .kernels.attention import sparse_attention
+from .kernels.attention import rows_attention, sparse_attention
 from .kernels import registry
 from .kernels.rows_finish import rows_finish
 from .norm import RMSNorm
@@ -81,8 +82,11 @@ class Attention(nn.Module):
                 raise ValueError(f"{len(rows)} row caches for a batch of {B}")
             starts = [c.offset for c in rows]
             q, kv, cs = self.finish_rows(q, kv, starts, qat)
-            o = mx.concatenate([self.attend(x[i : i + 1], qr[i : i + 1], q[i : i + 1], kv[i : i + 1], c, qat,
-                                            finished=True) for i, c in enumerate(rows)], axis=0)
+            if L == 1 and not registry.use_kernels():
+                o = self.attend_rows(x, qr, q, kv, rows, qat, cs)
+            else:  # the kernels take one scalar position: row by row
+                o = mx.concatenate([self.attend(x[i : i + 1], qr[i : i + 1], q[i : i + 1], kv[i : i + 1], c, qat,
+                                                finished=True) for i, c in enumerate(rows)], axis=0)
             o = self._finish(o, starts, lambda t, p0, c: rows_finish(t, self._freqs, p0, inverse=True, cs=c), cs)
         y = self.grouped_out(o.reshape(B, L, self.n_heads * a.head_dim))
         return y if self.shard is None else self.shard.all_sum(y)
@@ -108,6 +112,71 @@ class Attention(nn.Module):
         if not registry.use_kernels():
             return fn(t, starts[0], cs)
         return mx.concatenate([fn(t[i : i + 1], p0, None) for i, p0 in enumerate(starts)], axis=0)
+
+    def attend_rows(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, rows: list[LayerCache], qat,
+                    cs) -> mx.array:
+        """`attend` (finished=True) for one token per row, each row at its own offset, on the reference path:
+        the compressor and indexer projections over all rows at once, the windows completed this step
+        pooled together, the cache pushes per row, then one attention over every row's window rows and
+        compressed (or selected) entries, padded to a common length and masked. cs: finish_rows' table."""
+        a = self.args
+        B, D = x.shape[0], a.head_dim
+        nope_fp8 = D - a.rope_head_dim if qat.simulate else 0
+        if self.ratio:
+            e, done = self.compressor.call_rows(x, [c.offset for c in rows], [c.comp_state for c in rows],
+                                                self._freqs, x.dtype, nope_fp8)
+            for (i, _), ei in zip(done, mx.split(e, len(done)) if done else ()):
+                rows[i].push_compressed(ei)
+        ids = [None] * B
+        if self.ratio == 4:
+            ids = self.indexer.select_rows(x, qr, rows, self._freqs, qat.simulate, a.index_topk, cs)
+        # After its push a row's window is exactly what its query sees: the last window_size positions.
+        for c, k in zip(rows, mx.split(kv, B)):
+            c.push_window(k)
+            c.offset += 1
+        keys, mask = self._row_keys(rows, ids)
+        return rows_attention(q, keys, mask[:, None], self.attn_sink, D ** -0.5)
+
+    def _row_keys(self, rows: list[LayerCache], ids: list) -> tuple[mx.array, mx.array]:
+        """Every row's keys [B, S, D] (its window rows, then its compressed entries: all of them, or its
+        selection ids[i] [1, 1, k]) padded to a common length, and the mask [B, S] of what its query sees.
+        One gather per stored component over the rows' concatenated buffers, whatever B: the padding
+        slots read some real row (finite), which the mask gives probability exactly 0."""
+        B = len(rows)
+        wins = [c.window for c in rows]
+        n_w = [w.shape[1] for w in wins]
+        W, base = max(n_w), np.cumsum([0] + n_w[:-1])
+        take = np.where(np.arange(W) < np.array(n_w)[:, None], base[:, None] + np.arange(W), 0).astype(np.int32)
+        flat = mx.concatenate(wins, axis=1)
+        keys = mx.take(flat.reshape(-1, flat.shape[-1]), mx.array(take), axis=0)  # [B, W, D]
+        mask = np.arange(W) < np.array(n_w)[:, None]
+        stores = [c.compressed_store for c in rows]
+        n_c = [0 if i is not None else (s.n if self.ratio else 0) for s, i in zip(stores, ids)]
+        n_k = [n if i is None else i.shape[-1] for n, i in zip(n_c, ids)]
+        K = max(n_k)
+        if not K:
+            return keys, mx.array(mask)
+        full = [s for s in stores if s.n]  # the stores read: those holding entries
+        n_s = [s.n for s in full]
+        base_s = dict(zip(map(id, full), np.cumsum([0] + n_s[:-1])))
+        ctake = np.zeros((B, K), np.int32)
+        cmask = np.zeros((B, K), bool)
+        for r, (c, n) in enumerate(zip(rows, n_c)):
+            if n:  # all causally complete entries
+                ctake[r, :n] = base_s[id(stores[r])] + np.arange(n)
+                cmask[r, :n] = np.arange(n) < c.offset // self.ratio
+        ctake, cmask = mx.array(ctake), mx.array(cmask)
+        for r, i in enumerate(ids):
+            if i is not None:  # the selection (-1 = none)
+                i = i.reshape(-1)
+                ctake[r, : i.size] = mx.maximum(i, 0) + int(base_s[id(stores[r])])
+                cmask[r, : i.size] = i >= 0
+        parts = {}
+        for name in full[0].parts:
+            flat = mx.concatenate([s.parts[name][:, : s.n] for s in full], axis=1)
+            parts[name] = mx.take(flat.reshape(-1, *flat.shape[2:]), ctake, axis=0)  # [B, K, ...]
+        comp = full[0].decode(parts, None)
+        return mx.concatenate([keys, comp], axis=1), mx.concatenate([mx.array(mask), cmask], axis=1)
 
     def attend(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, cache: LayerCache, qat,
                finished: bool = False) -> mx.array:

@@ -193,11 +193,13 @@ class BatchGenerator:
         if decode:
             toks = mx.array([r.last for r in decode], dtype=mx.int32)
             logits = step_logits(self.model, toks, [r.plan.cache for r in decode])
+            plain = processed_logprobs(logits, [], None)  # the rows without processors, all at once
             picks = []
             for i, row in enumerate(decode):
-                lp = processed_logprobs(logits[i : i + 1], row.plan.processors, row.history)
+                p = row.plan.processors
+                lp = processed_logprobs(logits[i : i + 1], p, row.history) if p else plain[i : i + 1]
                 picks.append((row.plan.sampler(lp), lp[0]))
-            mx.eval(picks, [[c.state for c in r.plan.cache] for r in decode])
+            mx.eval(picks, [[c.live for c in r.plan.cache] for r in decode])
             for row, (y, lp) in zip(decode, picks):
                 row.source.ready = Emitted(y.item(), lp, False)
                 r = row.respond()

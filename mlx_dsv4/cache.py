@@ -177,6 +177,15 @@ class LayerCache(_BaseCache):
         return False  # compressed entries cannot be un-pooled; prefix reuse snapshots instead
 
     @property
+    def live(self) -> list[mx.array]:
+        """The arrays holding this cache's state, as they are: what to materialise after a step (`state`
+        would first make views of them, a few more ops per layer to evaluate)."""
+        out = [self.window, *self._comp.parts.values(), *self._index.parts.values()]
+        for s in (self.comp_state, self.index_state):
+            out += [*s._kv, *s._gate, s.prev_kv, s.prev_gate]
+        return [a for a in out if a is not None]
+
+    @property
     def nbytes(self) -> int:
         arrays = [self.window]
         for s in (self.comp_state, self.index_state):

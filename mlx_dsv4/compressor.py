@@ -18,8 +18,9 @@ import mlx.nn as nn
 
 from .cache import CompressorState
 from .kernels.compressor_pool import compressor_pool
-from .kernels.rows_finish import rows_finish
+from .kernels.rows_finish import rows_finish, rows_finish_reference
 from .norm import RMSNorm
+from .rope import cos_sin
 
 
 class Compressor(nn.Module):
@@ -33,28 +34,47 @@ class Compressor(nn.Module):
         self.ape = mx.zeros((ratio, coff * out_dim), dtype=mx.float32)
         self.norm = RMSNorm(out_dim, norm_eps)
 
+    def project(self, x: mx.array, positions: mx.array | int) -> tuple[mx.array, mx.array]:
+        """a = wkv x and g = wgate x + ape[p mod ratio] (float32) for x [B, L, dim]: `positions` is the
+        first token's absolute position, or the positions [B, L] of rows each at their own (batch.py)."""
+        m = self.ratio
+        L = x.shape[1]
+        xf = x.astype(mx.float32)
+        # fp32 x fp32-promoted weights: the reference runs these projections in float32.
+        a = self.wkv(xf).astype(mx.float32)
+        g = self.wgate(xf).astype(mx.float32)
+        ape = self.ape.astype(mx.float32)
+        if not isinstance(positions, int):
+            return a, g + ape[(positions % m).astype(mx.int32)]
+        o = positions % m
+        # Positions start.. in one window: a static slice of ape (a view); else gather by position.
+        if o + L <= m:
+            return a, g + ape[o : o + L]
+        return a, g + ape[(mx.arange(positions, positions + L) % m).astype(mx.int32)]
+
     def pool(self, x: mx.array, start: int, state: CompressorState) -> tuple[mx.array, int]:
         """Pool the windows completed by x [B, L, dim] (first token at absolute position `start`).
 
         Returns (entries [B, n, out_dim] float32 before post-processing, index of the first one)
         and updates `state` in place.
         """
+        windows, first = self.take_windows(*self.project(x, start), start, state)
+        if windows is None:
+            return mx.zeros((x.shape[0], 0, self.out_dim), dtype=mx.float32), first
+        return compressor_pool(*windows, self.overlap), first
+
+    def take_windows(self, a: mx.array, g: mx.array, start: int, state: CompressorState):
+        """The stateful half of `pool`: feed the projected rows a, g [B, L, coff*D] to `state`. Returns
+        ((wa, wg, prev_a, prev_g): the completed windows [B, n, m, coff*D] and the overlap's previous
+        window, the arguments of compressor_pool; None if no window completes) and the first's index."""
         m, D = self.ratio, self.out_dim
-        B, L, _ = x.shape
-        xf = x.astype(mx.float32)
-        # fp32 x fp32-promoted weights: the reference runs these projections in float32.
-        a = self.wkv(xf).astype(mx.float32)
-        g = self.wgate(xf).astype(mx.float32)
-        ape = self.ape.astype(mx.float32)
-        o = start % m
-        # Positions start.. in one window: a static slice of ape (a view); else gather by position.
-        g = g + (ape[o : o + L] if o + L <= m else ape[(mx.arange(start, start + L) % m).astype(mx.int32)])
+        B, L, _ = a.shape
         state.recent = (a, g)
         pending = state.pending
         first = (start - pending) // m
         if pending + L < m:  # no window completes: keep the rows for later, copy nothing
             state.add(a, g)
-            return mx.zeros((B, 0, D), dtype=mx.float32), first
+            return None, first
         a, g = state.joined(a, g)
         n = a.shape[1] // m
         state.rows_kv, state.rows_gate = (a[:, n * m :], g[:, n * m :]) if a.shape[1] > n * m else (None, None)
@@ -64,7 +84,33 @@ class Compressor(nn.Module):
         if self.overlap:
             prev = (state.prev_kv, state.prev_gate)
             state.prev_kv, state.prev_gate = wa[:, -1, :, :D], wg[:, -1, :, :D]
-        return compressor_pool(wa, wg, *prev, self.overlap), first
+        return (wa, wg, *prev), first
+
+    def pool_rows(self, x: mx.array, starts: list[int], states: list[CompressorState]):
+        """`pool` for rows each at its own position (batch.py: x [B, 1, dim], row i at starts[i] with
+        states[i]): the projections run over all rows at once and the windows completed this step are
+        pooled together. Returns (entries [Bc, 1, out_dim] float32 or None, [(row, entry index)] of the
+        Bc rows that completed one)."""
+        B, L, _ = x.shape
+        if L != 1 or len(starts) != B or len(states) != B:
+            raise ValueError(f"pool_rows: one token per row and one start / state per row, got x {x.shape}, "
+                             f"{len(starts)} starts, {len(states)} states")
+        a, g = self.project(x, mx.array(starts)[:, None])
+        done, wins = [], []
+        for i, (ai, gi) in enumerate(zip(mx.split(a, B), mx.split(g, B))):
+            w, first = self.take_windows(ai, gi, starts[i], states[i])
+            if w is not None:
+                done.append((i, first))
+                wins.append(w)
+        if not done:
+            return None, []
+        if self.overlap:  # before the first window the previous one is a = 0, g = -inf (compressor_pool's own)
+            D, m = self.out_dim, self.ratio
+            wins = [w if w[2] is not None else (*w[:2], mx.zeros((1, m, D), mx.float32),
+                                                mx.full((1, m, D), -mx.inf, mx.float32)) for w in wins]
+        cols = list(zip(*wins))[: 4 if self.overlap else 2]
+        parts = [mx.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in cols]
+        return compressor_pool(*parts, *([] if self.overlap else [None, None]), self.overlap), done
 
     def __call__(self, x, start, state, freqs, dtype, fp8_nope: int) -> mx.array:
         """Pooled, normalised, rotated (RoPE at the window's first position j * ratio) entries
@@ -75,3 +121,14 @@ class Compressor(nn.Module):
             return c.astype(dtype)
         return rows_finish(c, freqs, first * self.ratio, self.ratio, norm=True, weight=self.norm.weight,
                            eps=self.norm.eps, fp8_nope=fp8_nope, dtype=dtype)
+
+    def call_rows(self, x, starts, states, freqs, dtype, fp8_nope: int):
+        """__call__ for rows each at its own position (pool_rows): (entries [Bc, 1, out_dim] or None,
+        [(row, entry index)]), each entry rotated at its own window's first position (the reference's
+        per-row angle table: the kernel takes one scalar position)."""
+        c, done = self.pool_rows(x, starts, states)
+        if c is None:
+            return None, done
+        cs = cos_sin(mx.array([j * self.ratio for _, j in done])[:, None], freqs)
+        return rows_finish_reference(c, freqs, 0, self.ratio, norm=True, weight=self.norm.weight, eps=self.norm.eps,
+                                     fp8_nope=fp8_nope, dtype=dtype, cs=cs), done

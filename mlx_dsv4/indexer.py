@@ -17,6 +17,7 @@ from .kernels.index_finish import index_finish
 from .kernels.indexer_topk import top_k_visible
 from .kernels.indexer_score import indexer_score, scoring_keys
 from .kvstore import Rows
+from .rope import cos_sin
 
 _SCORE_BUDGET = 1 << 20  # elements of the [Lb, H, Nb] score block kept live at once
 
@@ -69,3 +70,26 @@ class Indexer(nn.Module):
         q = index_finish(self.wq_b(qr).reshape(B, L, self.n_heads, self.head_dim), freqs, start, 1, simulate)
         w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
         return select(q, K, w, start, self.ratio, topk)
+
+    def select_rows(self, x, qr, caches, freqs, simulate: bool, topk: int, cs) -> list[mx.array | None]:
+        """__call__ for rows each at its own position (batch.py: x [B, 1, dim], row i at caches[i].offset;
+        cs: the rows' angle table [B, 1, R/2]). The projections run over all rows at once; per row only
+        the selection, and only where top-k leaves some of the row's entries out. Returns per row the ids
+        [1, 1, k], or None where the row attends to all of its compressed entries."""
+        B = x.shape[0]
+        comp = self.compressor
+        c, done = comp.pool_rows(x, [c.offset for c in caches], [c.index_state for c in caches])
+        if c is not None:
+            kcs = cos_sin(mx.array([j * comp.ratio for _, j in done])[:, None], freqs)
+            keys = index_finish(c.astype(x.dtype), freqs, 0, comp.ratio, simulate, comp.norm.weight, comp.norm.eps,
+                                cs=kcs)
+            for (i, _), k in zip(done, mx.split(keys, len(done))):
+                caches[i].push_index_keys(k)
+        pick = [i for i, c in enumerate(caches) if min(topk, c.index_store.n) < c.n_compressed]
+        out = [None] * B
+        if pick:
+            q = index_finish(self.wq_b(qr).reshape(B, 1, self.n_heads, self.head_dim), freqs, 0, 1, simulate, cs=cs)
+            w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
+            for i in pick:
+                out[i] = select(q[i : i + 1], caches[i].index_store, w[i : i + 1], caches[i].offset, self.ratio, topk)
+        return out

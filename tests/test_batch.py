@@ -8,14 +8,19 @@ The tiny-random Flash schedule is [0, 0, 4, 128, 4] with a 128-token window: pro
 128 and 256 put the rows' CSA / HCA window completions and window evictions at different steps.
 """
 
+import types
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from tinymodels import mlx_model
 
+from mlx_dsv4 import attention
 from mlx_dsv4.batch import BatchGenerator, batch_generate, step_logits
 from mlx_dsv4.cache_size import cache_bytes
 from mlx_dsv4.generate import generate, prefill, stream_generate
+from mlx_dsv4.kernels.attention import rows_attention, sparse_attention_reference
+from mlx_dsv4.kvstore import make_rows
 from mlx_dsv4.load import load
 
 TOL = 1e-4
@@ -167,3 +172,98 @@ def test_seeded_sampling_rows_draw_from_their_own_seed(tiny):
     for rs, want in zip(got, sol):
         same(rs, want)
     assert ps[0] == ps[1] and [r.token for r in got[0]] != [r.token for r in got[1]]
+
+
+def _row_case(rng, W, N, t, H=4, D=64, ratio=4, selected=None):
+    """One row at position t: W window rows ending at t, a store of N entries (one more than visible when
+    N > (t + 1) // ratio), optionally a selection of ids (-1 = none)."""
+    f = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32))  # noqa: E731
+    store = make_rows("dense")
+    store.append(f(1, N, D))
+    ids = None if selected is None else mx.array(np.array(selected, np.int32).reshape(1, 1, -1))
+    return f(1, 1, H, D), f(1, W, D), store, ids
+
+
+def test_rows_attention_with_padding_equals_each_rows_reference_attention():
+    """kernels.attention.rows_attention (batch.py's one attention over all rows) against the reference run
+    row by row: rows with fewer window rows and entries than others, a full 128-row window, an entry the
+    query cannot see yet, a selection with -1 slots. Padding slots hold random values (the mask alone must
+    silence them). Both sides sum the same fp32 terms in other orders: 1e-5 of the output's scale covers
+    that, while one key wrongly seen shifts the output by about 1 / keys (the negative controls: over 100x the
+    tolerance, and in that row only)."""
+    rng = np.random.default_rng(0)
+    ws, ratio, H, D = 128, 4, 4, 64
+    sink = mx.array(rng.standard_normal(H).astype(np.float32))
+    rows = [dict(W=3, N=0, t=2), dict(W=40, N=10, t=39), dict(W=128, N=33, t=130),  # t=130: 32 entries visible
+            dict(W=9, N=3, t=8), dict(W=128, N=60, t=300, selected=[5, -1, 17, 59, -1, 0])]
+    ref, pieces = [], []
+    for r in rows:
+        q, win, store, ids = _row_case(rng, r["W"], r["N"], r["t"], H, D, ratio, r.get("selected"))
+        t = r["t"]
+        ref.append(sparse_attention_reference(q, win, t - r["W"] + 1, store if store.n else None, ids, sink, t, ratio,
+                                              ws, D**-0.5))
+        if ids is not None:
+            comp = store.take(mx.maximum(ids, 0)).reshape(1, -1, D)
+            seen = np.array(ids).reshape(-1) >= 0
+        else:
+            comp = store.view() if store.n else mx.zeros((1, 0, D))
+            seen = np.arange(store.n) < (t + 1) // ratio
+        pieces.append((q, mx.concatenate([win, comp], axis=1), np.concatenate([np.ones(r["W"], bool), seen])))
+    S = max(k.shape[1] for _, k, _ in pieces)
+    junk = lambda n: mx.array(rng.standard_normal((1, n, D)).astype(np.float32))  # noqa: E731
+    pad = lambda k: mx.concatenate([k, junk(S - k.shape[1])], axis=1)  # noqa: E731
+    q = mx.concatenate([p[0] for p in pieces])
+    keys = mx.concatenate([pad(p[1]) for p in pieces])
+    mask = np.stack([np.concatenate([p[2], np.zeros(S - p[2].size, bool)]) for p in pieces])
+    want = mx.concatenate(ref)
+    scale = mx.abs(want).max().item()
+    got = rows_attention(q, keys, mx.array(mask)[:, None], sink, D**-0.5)
+    assert mx.abs(got - want).max().item() < 1e-5 * scale
+    for row, slot in [(0, 5), (2, 160), (4, 129)]:  # a padding slot, the entry not yet visible, a -1 slot
+        bad = mask.copy()
+        assert not bad[row, slot]
+        bad[row, slot] = True
+        wrong = rows_attention(q, keys, mx.array(bad)[:, None], sink, D**-0.5)
+        assert mx.abs(wrong[row] - want[row]).max().item() > 100 * 1e-5 * scale
+        assert mx.abs(wrong - want).max().item() == mx.abs(wrong[row] - want[row]).max().item()
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["batched", "per-row"])
+def test_batched_step_leaves_each_rows_cache_as_its_solo_step_does(tiny, monkeypatch, per_row):
+    """One batched decode step (step_logits) against each row's plain solo step: every layer's cache (window,
+    compressed entries, indexer keys, compressor leftovers and overlap halves) ends equal. The rows feed
+    positions 3 (the first ratio-4 window completes, no previous window), 7 (the second, with one),
+    127 (ratio 128 and ratio 4 complete), 200 and 64 (none completes; the indexer selects, top-k 16 < 50).
+    Tolerance: the batched projections are [B, d] matmuls where the solo ones are [1, d] (BLAS order,
+    ~1e-6 relative); a row pooled with another row's phase or position is off by O(1). per-row: the path
+    taken where the kernels run (Attention sees use_kernels(); every other module keeps its reference)."""
+    model, _ = tiny
+    if per_row:
+        monkeypatch.setattr(attention, "registry", types.SimpleNamespace(use_kernels=lambda: True))
+        monkeypatch.setattr(attention.Attention, "attend_rows", lambda *a: pytest.fail("the batched attention ran"))
+    ps = prompts([3, 7, 127, 200, 64], seed=17)
+    caches = [model.make_cache() for _ in ps]
+    for p, c in zip(ps, caches):
+        prefill(model, p, c)
+    toks = mx.array([p[-1] for p in ps])
+    solo_caches = [[c.copy() for c in cs] for cs in caches]
+    batch = step_logits(model, toks, caches)
+    solo = mx.concatenate([model(toks[i : i + 1, None], cache=cs, last_only=True)[:, -1]  # the plain B=1 path
+                           for i, cs in enumerate(solo_caches)])
+    assert mx.abs(batch - solo).max().item() < TOL
+
+    def arrays(d, path=""):
+        if isinstance(d, dict):
+            return [x for k, v in sorted(d.items()) for x in arrays(v, f"{path}/{k}")]
+        return [(path, d)] if isinstance(d, mx.array) else [(path, d)] if d is not None else []
+
+    for b, s in zip(caches, solo_caches):
+        for lb, ls in zip(b, s):
+            got, want = arrays(lb.state), arrays(ls.state)
+            assert [k for k, _ in got] == [k for k, _ in want]
+            for (k, x), (_, y) in zip(got, want):
+                if isinstance(x, mx.array):
+                    assert x.shape == y.shape, k
+                    assert mx.abs(x - y).max().item() <= 1e-5 * max(1.0, mx.abs(y).max().item()), k
+                else:
+                    assert x == y, k

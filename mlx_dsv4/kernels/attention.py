@@ -31,6 +31,15 @@ def _comp_rows(comp):
     return comp, None
 
 
+def sink_softmax(z: mx.array, sink: mx.array, dtype) -> mx.array:
+    """Logits z [B, H, L, keys] (float32, -inf masked; each query sees at least one key) -> probabilities
+    with the per-head sink in the denominator only, rounded to `dtype` (the reference feeds PV in q.dtype)."""
+    m = mx.max(z, axis=-1, keepdims=True)
+    ez = mx.exp(z - m)
+    denom = ez.sum(axis=-1, keepdims=True) + mx.exp(sink.astype(mx.float32)[None, :, None, None] - m)
+    return (ez / denom).astype(dtype).astype(mx.float32)
+
+
 def sparse_attention_reference(q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale):
     """Softmax-with-sink attention of q [B, L, H, D] (first query at position `start`) over
     window rows [B, W, D] (first at position `win_start`) and compressed entries: with
@@ -77,10 +86,7 @@ def sparse_attention_reference(q, window, win_start, comp, comp_idx, sink, start
             sc = mx.swapaxes(q[:, s:e].astype(mx.float32) @ mx.swapaxes(gathered, -1, -2), 1, 2)
             logits.append(mx.where((ids >= 0)[:, None], sc * scale, -mx.inf))  # [B, H, Lb, k]
         z = mx.concatenate(logits, axis=-1) if len(logits) > 1 else logits[0]
-        m = mx.max(z, axis=-1, keepdims=True)  # the window always holds the query itself
-        ez = mx.exp(z - m)
-        denom = ez.sum(axis=-1, keepdims=True) + mx.exp(sink.astype(mx.float32)[None, :, None, None] - m)
-        prob = (ez / denom).astype(q.dtype).astype(mx.float32)  # the reference feeds PV in q.dtype
+        prob = sink_softmax(z, sink, q.dtype)
         Wb = wk.shape[1]
         o = prob[..., :Wb] @ wk[:, None]
         if N and comp_idx is None:
@@ -89,6 +95,22 @@ def sparse_attention_reference(q, window, win_start, comp, comp_idx, sink, start
             o = o + mx.swapaxes(mx.swapaxes(prob[..., Wb:], 1, 2) @ gathered, 1, 2)
         outs.append(mx.swapaxes(o, 1, 2).astype(q.dtype))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+
+
+def rows_attention(q: mx.array, keys: mx.array, mask: mx.array, sink: mx.array, scale: float) -> mx.array:
+    """The reference's softmax-with-sink attention for rows that each see their own key set (batch.py):
+    q [B, L, H, D] over keys [B, S, D], where mask [B, L, S] marks the keys query (b, l) sees (its window
+    rows and its compressed or selected entries, in any order; the rest is padding, which must be finite:
+    a masked key's probability is exactly 0). Every query must see at least one key. Returns [B, L, H, D]."""
+    B, L, H, D = q.shape
+    if keys.ndim != 3 or keys.shape[0] != B or keys.shape[2] != D or mask.shape != (B, L, keys.shape[1]):
+        raise ValueError(f"rows_attention: want q [B, L, H, D], keys [B, S, D], mask [B, L, S]; got q {q.shape}, "
+                         f"keys {keys.shape}, mask {mask.shape}")
+    if sink.shape != (H,):
+        raise ValueError(f"rows_attention: sink must be [{H}], got shape {sink.shape}")
+    k = keys.astype(mx.float32)[:, None]  # [B, 1, S, D]
+    z = mx.where(mask[:, None], (mx.swapaxes(q, 1, 2).astype(mx.float32) @ mx.swapaxes(k, -1, -2)) * scale, -mx.inf)
+    return mx.swapaxes(sink_softmax(z, sink, q.dtype) @ k, 1, 2).astype(q.dtype)
 
 
 # ---- kernels ------------------------------------------------------------------------------------

@@ -33,11 +33,12 @@ def _check(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, weight) -> No
 
 
 def index_finish_reference(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
-                           weight: mx.array | None = None, eps: float = 0.0) -> mx.array:
+                           weight: mx.array | None = None, eps: float = 0.0, cs=None) -> mx.array:
     """The reference path itself: rms_norm, cos_sin + apply_rope, TrainedFormats.index, one fused
-    piece after the angle table (kernels/fuse.py)."""
+    piece after the angle table (kernels/fuse.py). cs: cos_sin of the positions, [L, R/2] or per batch
+    row [B, L, R/2] (rows at their own positions, batch.py; pos0 / pos_step are then unused)."""
     _check(x, freqs, pos0, pos_step, weight)
-    cos, sin = table(freqs, pos0, x.shape[1], pos_step)
+    cos, sin = cs if cs is not None else table(freqs, pos0, x.shape[1], pos_step)
     w = () if weight is None else (weight,)
     return fuse.run(_finish, (simulate, float(eps)), x, cos, sin, *w)
 
@@ -46,7 +47,7 @@ def _finish(simulate, eps, x, cos, sin, *w):
     if w:
         x = rms_norm(x, w[0], eps)
     if x.ndim == 4:
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = cos[..., None, :], sin[..., None, :]
     x = apply_rope(x, cos, sin)
     return indexer_roundtrip(x).astype(x.dtype) if simulate else x
 
@@ -79,8 +80,9 @@ def index_finish_kernel(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, 
 
 
 def index_finish(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
-                 weight: mx.array | None = None, eps: float = 0.0) -> mx.array:
-    """Finished indexer q / keys in x.dtype: the kernel on Metal, the reference otherwise."""
-    if registry.use_kernels() and _kernel_ok(x, freqs):
+                 weight: mx.array | None = None, eps: float = 0.0, cs=None) -> mx.array:
+    """Finished indexer q / keys in x.dtype: the kernel on Metal, the reference otherwise or with a
+    per-row angle table `cs` (the kernel takes one scalar position)."""
+    if cs is None and registry.use_kernels() and _kernel_ok(x, freqs):
         return index_finish_kernel(x, freqs, pos0, pos_step, simulate, weight, eps)
-    return index_finish_reference(x, freqs, pos0, pos_step, simulate, weight, eps)
+    return index_finish_reference(x, freqs, pos0, pos_step, simulate, weight, eps, cs)
