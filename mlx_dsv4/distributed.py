@@ -135,15 +135,10 @@ def plan_stages(first: int, layers: list[int], last: int, n: int) -> list[range]
     return bounds[::-1]
 
 
-@dataclass
-class Stage:
-    """This rank's part of a pipeline: its layers, its neighbours, the dtype of the mHC streams
-    passed between stages (the embedding's, agreed at load) and the watchdog on its waits."""
+class OnGroup:
+    """This process's place in the group mlx.launch set up."""
 
     group: object
-    layers: range
-    stream_dtype: mx.Dtype
-    watchdog: Watchdog
 
     @property
     def rank(self) -> int:
@@ -152,6 +147,17 @@ class Stage:
     @property
     def size(self) -> int:
         return self.group.size()
+
+
+@dataclass
+class Stage(OnGroup):
+    """This rank's part of a pipeline: its layers, its neighbours, the dtype of the mHC streams
+    passed between stages (the embedding's, agreed at load) and the watchdog on its waits."""
+
+    group: object
+    layers: range
+    stream_dtype: mx.Dtype
+    watchdog: Watchdog
 
     @property
     def first(self) -> bool:
@@ -198,7 +204,7 @@ def even_split(total: int, n: int, r: int) -> range:
 
 
 @dataclass
-class TensorShard:
+class TensorShard(OnGroup):
     """This rank's slice of every layer in tensor mode (see the module docstring): its output groups,
     its routed experts and its rows of the shared expert's intermediate dimension. `calls` / `sent`
     count the all_sums issued and their bytes (per rank), for the benchmark."""
@@ -211,14 +217,6 @@ class TensorShard:
     watchdog: Watchdog
     calls: int = 0
     sent: int = 0
-
-    @property
-    def rank(self) -> int:
-        return self.group.rank()
-
-    @property
-    def size(self) -> int:
-        return self.group.size()
 
     def all_sum(self, x: mx.array) -> mx.array:
         self.calls += 1

@@ -14,6 +14,7 @@ import pytest
 import mlx_dsv4.model as model_mod
 from mlx_dsv4.generate import PlainDecoder, stream_generate
 from mlx_dsv4.load import load
+from tinymodels import flat_state
 
 generate = importlib.import_module("mlx_dsv4.generate")  # the package re-exports a function of that name
 
@@ -30,22 +31,6 @@ def run(model, tok, pipeline, monkeypatch, **kw):
     cache = model.make_cache()
     rs = list(stream_generate(model, tok, PROMPT, prompt_cache=cache, **kw))
     return rs, cache
-
-
-def flat_state(cache):
-    out = {}
-    for i, c in enumerate(cache):
-        out[f"{i}.offset"] = c.offset
-        stack = [(f"{i}", c.state)]
-        while stack:
-            k, v = stack.pop()
-            if isinstance(v, dict):
-                stack += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
-            elif isinstance(v, mx.array):
-                out[k] = np.array(v)
-            else:
-                out[k] = v
-    return out
 
 
 @pytest.mark.parametrize("kw", [

@@ -16,22 +16,9 @@ import pytest
 
 from mlx_dsv4.kernels import fuse
 from mlx_dsv4.rope import apply_rope, cos_sin, inv_freq, table
-from tinymodels import mlx_model, tokens
+from tinymodels import flat_state, mlx_model, tokens
 
 PREFILL, DECODE = 150, 6
-
-
-def _flat(cache) -> dict:
-    out, stack = {}, [(str(i), c.state) for i, c in enumerate(cache)]
-    while stack:
-        k, v = stack.pop()
-        if isinstance(v, dict):
-            stack += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
-        elif isinstance(v, mx.array):
-            out[k] = np.array(v)
-        else:
-            out[k] = v
-    return out
 
 
 def _run(model, toks, fused: bool):
@@ -45,7 +32,7 @@ def _run(model, toks, fused: bool):
             y = model(t, cache, last_only=True)
             outs.append(np.array(y))
             t = mx.argmax(y[:, -1], axis=-1, keepdims=True)
-        return outs, _flat(cache)
+        return outs, flat_state(cache)
     finally:
         fuse.set_enabled(True)
 

@@ -42,3 +42,20 @@ def run_chunked(model, toks: np.ndarray, chunk: int) -> np.ndarray:
         mx.eval(y)
         outs.append(np.array(y))
     return np.concatenate(outs, axis=1)
+
+
+def flat_state(cache) -> dict:
+    """{path: numpy array or value} of every layer's cache state and offset: caches compared entry by entry."""
+    out = {}
+    for i, c in enumerate(cache):
+        out[f"{i}.offset"] = c.offset
+        stack = [(f"{i}", c.state)]
+        while stack:
+            k, v = stack.pop()
+            if isinstance(v, dict):
+                stack += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
+            elif isinstance(v, mx.array):
+                out[k] = np.array(v)
+            else:
+                out[k] = v
+    return out
