@@ -24,7 +24,7 @@ class DistributedError(RuntimeError):
     """A collective failed because a peer rank died or cannot be reached."""
 
 
-def _die(message: str) -> None:
+def die(message: str) -> None:
     sys.stdout.flush()
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
@@ -56,8 +56,8 @@ class Watchdog:
             time.sleep(min(0.25, self.timeout / 4))
             w = self._waiting
             if w is not None and time.monotonic() - w[0] > self.timeout:
-                _die(f"rank {self.rank}: no answer from the other ranks for {self.timeout:g} s during {w[1]}; "
-                     "a rank died or cannot be reached (MLX_DSV4_DIST_TIMEOUT sets the limit)")
+                die(f"rank {self.rank}: no answer from the other ranks for {self.timeout:g} s during {w[1]}; "
+                    "a rank died or cannot be reached (MLX_DSV4_DIST_TIMEOUT sets the limit)")
 
 
 def on_termination(rank: int) -> None:
@@ -74,7 +74,7 @@ def on_termination(rank: int) -> None:
     def watch():
         while os.read(r, 1) != bytes([signal.SIGTERM]):
             pass
-        _die(f"rank {rank}: the job was stopped (SIGTERM): another rank exited or was killed, "
-             "see mlx.launch's warning above")
+        die(f"rank {rank}: the job was stopped (SIGTERM): another rank exited or was killed, "
+            "see mlx.launch's warning above")
 
     threading.Thread(target=watch, daemon=True, name="mlx_dsv4-sigterm").start()

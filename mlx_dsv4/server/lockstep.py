@@ -23,7 +23,7 @@ import json
 import mlx.core as mx
 import numpy as np
 
-from ..watchdog import _die
+from ..watchdog import die
 
 
 class Lockstep:
@@ -40,7 +40,7 @@ class Lockstep:
         try:
             return self._share(message)
         except RuntimeError as e:  # a peer rank died: nothing can continue in lockstep
-            _die(f"rank {self.rank}: serving in lockstep failed, a peer rank died or cannot be reached ({e})")
+            die(f"rank {self.rank}: serving in lockstep failed, a peer rank died or cannot be reached ({e})")
 
     def _share(self, message: dict | None) -> dict | None:
         data = json.dumps(message, separators=(",", ":")).encode() if self.leader and message else b""
