@@ -28,15 +28,20 @@ def set_enabled(on: bool) -> None:
     _enabled = bool(on)
 
 
-@functools.cache
-def _compiled(fn, static: tuple):
+@functools.lru_cache(maxsize=1024)
+def _compiled(fn, static: tuple, stream: str):
     return mx.compile(functools.partial(fn, *static))
 
 
-def run(fn, static: tuple, *arrays: mx.array):
-    """fn(*static, *arrays), compiled once per (fn, static) when fusing is on. static: hashable
-    Python values (flags, eps, dtypes) baked into the trace; arrays: the only traced inputs."""
-    return _compiled(fn, static)(*arrays) if _enabled else fn(*static, *arrays)
+def run(fn, static: tuple, *arrays: mx.array, always: bool = False):
+    """fn(*static, *arrays), compiled once per (fn, static) and stream when fusing is on. static: hashable
+    Python values (flags, eps, dtypes) baked into the trace; arrays: the only traced inputs. A trace
+    records the stream it was made on, and each thread has its own (the server's engine thread), so a
+    trace is never replayed on another thread's stream. always: compiled even with fusing off (a piece
+    that was compiled before the switch existed, so the unfused loop stays the previous one)."""
+    if not (_enabled or always):
+        return fn(*static, *arrays)
+    return _compiled(fn, static, str(mx.default_stream(mx.default_device())))(*arrays)
 
 
 def clear() -> None:

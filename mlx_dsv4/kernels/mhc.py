@@ -8,12 +8,11 @@ row and column normalisation (each divides by sum + eps). All float32.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import mlx.core as mx
 
-from . import registry
+from . import fuse, registry
 
 
 def _hc(width: int) -> int:
@@ -33,7 +32,7 @@ def _check(mixes: mx.array, scale: mx.array, base: mx.array, iters: int) -> int:
     return hc
 
 
-def _split(mix: mx.array, scale: mx.array, base: mx.array, hc: int, iters: int, eps: float):
+def _split(hc: int, iters: int, eps: float, mix: mx.array, scale: mx.array, base: mx.array):
     mix, scale, base = (a.astype(mx.float32) for a in (mix, scale, base))
     pre = mx.sigmoid(mix[..., :hc] * scale[0] + base[:hc]) + eps
     post = 2 * mx.sigmoid(mix[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
@@ -46,16 +45,11 @@ def _split(mix: mx.array, scale: mx.array, base: mx.array, hc: int, iters: int, 
     return pre, post, c
 
 
-@functools.cache
-def _compiled(hc: int, iters: int, eps: float):
-    return mx.compile(functools.partial(_split, hc=hc, iters=iters, eps=eps))
-
-
 def sinkhorn_split_reference(mixes: mx.array, scale: mx.array, base: mx.array, iters: int = 20,
                              eps: float = 1e-6) -> tuple[mx.array, mx.array, mx.array]:
     """Pure MLX (compiled per hc/iters/eps: ~60 small elementwise ops fuse into a few kernels)."""
     hc = _check(mixes, scale, base, iters)
-    return _compiled(hc, iters, float(eps))(mixes, scale, base)
+    return fuse.run(_split, (hc, iters, float(eps)), mixes, scale, base, always=True)
 
 
 def sinkhorn_split_kernel(mixes: mx.array, scale: mx.array, base: mx.array, iters: int = 20,
