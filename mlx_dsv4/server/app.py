@@ -400,6 +400,10 @@ def serve(model: str = "deepseek-ai/DeepSeek-V4-Flash", host: str = "127.0.0.1",
         uvicorn_server(app, host, port, log_level).run(sockets=[sock])
     finally:
         app.state.server.engine.close()  # in lockstep this also ends the other ranks
+    if lockstep is not None:  # as follow() does: teardown with the ring group's threads alive can abort
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def follow(model: str, lockstep, sharding: str, expert_memory_gb: float | None, prefix_cache_entries: int,
