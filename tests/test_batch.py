@@ -1,9 +1,10 @@
 """Continuous batching (mlx_dsv4/batch.py): every row of a batch against its own solo run.
 
 Truth: stream_generate on the same prompt alone (a cold cache, the B=1 path). Greedy tokens must be
-identical; log-probabilities agree to TOL: the batched projections are one [B, d] matmul where the solo
-path runs a [1, d] one, and BLAS sums those in a different order (~1e-6 relative on fp32 logits of
-magnitude ~10), which 1e-4 covers while a row fed at a wrong position is off by O(1).
+identical; log-probabilities agree to TOL (GEN_TOL over a generation, below): the batched projections
+are one [B, d] matmul where the solo path runs a [1, d] one, and BLAS sums those in a different order
+(~1e-6 relative on fp32 logits of magnitude ~10), which 1e-4 covers while a row fed at a wrong position
+is off by O(1).
 The tiny-random Flash schedule is [0, 0, 4, 128, 4] with a 128-token window: prompt lengths around 4,
 128 and 256 put the rows' CSA / HCA window completions and window evictions at different steps.
 """
@@ -24,6 +25,11 @@ from mlx_dsv4.kvstore import make_rows
 from mlx_dsv4.load import load
 
 TOL = 1e-4
+# Over a whole generation the trained-format simulation's FP8 / FP4 rounding of activations can turn a
+# ~1e-6 summation-order difference into one rounding step of one value, which later tokens carry: up to
+# 3e-4 in log-probability was measured on an AVX2 machine (OpenBLAS Haswell kernels). Still far from the
+# O(1) of a row fed at a wrong position.
+GEN_TOL = 2e-3
 LENGTHS = [1, 3, 4, 126, 128, 129, 255, 258]
 
 
@@ -66,7 +72,7 @@ def same(batch_rs, solo_rs):
     assert batch_rs[-1].finish_reason == solo_rs[-1].finish_reason
     for a, b in zip(batch_rs, solo_rs):
         if a.token is not None:
-            assert abs(a.logprob - b.logprob) < TOL
+            assert abs(a.logprob - b.logprob) < GEN_TOL
 
 
 def test_rows_at_different_offsets_match_their_solo_runs(tiny):

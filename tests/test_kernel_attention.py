@@ -214,33 +214,37 @@ def test_prefill_broken_variants_are_caught(what):
     assert assert_caught(lambda: _run(broken, args, "prefill"), lambda o: _ok(o, ref, args, mx.float32))
 
 
-def _model_logits(model, toks):
-    cache = model.make_cache(compact=True)  # FP8 entry stores, read in place by the kernels
+def _model_logits(model, toks, compact: bool):
+    cache = model.make_cache(compact=compact)  # compact: FP8 entry stores, read in place by the kernels
     outs = [model(mx.array(toks[:, :67]), cache), model(mx.array(toks[:, 67:136]), cache)]  # crosses the window
     outs += [model(mx.array(toks[:, i : i + 1]), cache) for i in (136, 137)]
     return np.concatenate([np.array(o) for o in outs], axis=1)
 
 
 @needs_cxx
-def test_model_runs_the_kernels(monkeypatch):
-    """Tiny Flash model (sliding, CSA, HCA layers; window 128, top-k 16), fp32, simulated formats, compact
-    cache: logits with both kernels (through the harness) within 1e-4 of the reference's, relative to the
-    largest logit. The kernels' attention differs by fp32 reordering only (~1e-6 measured); 1e-4 leaves
-    100x for five layers, while a wiring error (positions, window, entry set) changes logits by O(1),
-    as the broken prefill variant shows."""
-    model, toks = mlx_model("flash", simulate_qat=True), tokens(138, batch=2, seed=3)
-    ref = _model_logits(model, toks)
+@pytest.mark.parametrize("simulate", [False, True])
+def test_model_runs_the_kernels(monkeypatch, simulate):
+    """Tiny Flash model (sliding, CSA, HCA layers; window 128, top-k 16), fp32: logits with both kernels
+    (through the harness) against the reference's, relative to the largest logit. The kernels' attention
+    differs by fp32 reordering only (~1e-6 measured), so without the trained-format simulation 1e-4
+    leaves 100x for five layers, while a wiring error (positions, window, entry set) changes logits by
+    O(1), as the broken prefill variant shows. With the simulation on (compact cache, FP8 / FP4 rounding of
+    activations) a 1e-6 difference can move one value across a rounding boundary, one FP8 step (1/16
+    relative) for that entry: 5.6e-3 was measured on an AVX2 machine (OpenBLAS Haswell kernels), 1e-6 on
+    others, so that case is held to 2e-2, still below the broken variant's error."""
+    model, toks = mlx_model("flash", simulate_qat=simulate), tokens(138, batch=2, seed=3)
+    ref = _model_logits(model, toks, simulate)
     fakes = {}
     monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
     # only this module's wrappers see Metal: the other kernels keep their references (and the test fast)
     monkeypatch.setattr(A, "registry", types.SimpleNamespace(use_kernels=lambda: True, launch=registry.launch,
                                                              placeholder=registry.placeholder))
     monkeypatch.setattr(registry, "get_kernel", lambda name: fakes.setdefault(name, CpuKernel(load_spec(name))))
-    assert rel_err(_model_logits(model, toks), ref) < 1e-4
+    assert rel_err(_model_logits(model, toks, simulate), ref) < (2e-2 if simulate else 1e-4)
     assert fakes["sparse_attention_prefill"].calls == 10 and fakes["sparse_attention_decode"].calls == 10
     broken = CpuKernel(variant(PREFILL, *PREFILL_BROKEN["window mask off by one"]))
     monkeypatch.setattr(registry, "get_kernel", lambda name: broken if "prefill" in name else fakes[name])
-    assert rel_err(_model_logits(model, toks), ref) > 1e-2
+    assert rel_err(_model_logits(model, toks, simulate), ref) > 5e-2
 
 
 def test_bad_input_is_refused():

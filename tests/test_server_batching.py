@@ -74,7 +74,7 @@ def test_concurrent_requests_keep_their_own_parameters(srv):
     assert want[1] == greedy_text[: greedy_text.index(stop_word)]  # the stop string cut it
     assert want[2] != want[3]  # the seeds matter (control for the seeded rows)
     lp = got[4]["choices"][0]["logprobs"]["token_logprobs"]
-    assert len(lp) == 8 and max(abs(a - b) for a, b in zip(lp, want_lp)) < 1e-4  # summation order only
+    assert len(lp) == 8 and max(abs(a - b) for a, b in zip(lp, want_lp)) < 2e-3  # test_batch.GEN_TOL
     assert max(srv.rec.rows) >= 2  # some decode steps served several requests at once
     assert max(srv.rec.rows) <= 4  # never more rows than --max-batch
 
