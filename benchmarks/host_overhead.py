@@ -9,16 +9,19 @@ small widths) with the trained-format simulation on, as users run it; float32 on
 Per decode step it reports
 - host ms: building the step's graph in Python (model call + log-softmax + sampler), nothing evaluated;
 - eval ms: mx.eval of that graph (the CPU's compute, plus MLX's own scheduling);
-- wall ms per token of the previous loop (PlainDecoder(ahead=False): build, evaluate, read, repeat, with
-  the fused reference pieces off: MLX_DSV4_FUSE=0, kernels/fuse.py) and of today's (fused pieces, ahead=True),
-  in alternating rounds from the same prefilled cache, so a machine shared with other work slows both
-  alike; the ratio is per round, then the median. The previous loop here already has this version's
-  other graph savings (shared RoPE tables, masks every query passes left out, RoPE in fewer nodes, no
-  indexer scoring when the top-k covers every entry), so the ratio understates the change;
+- wall ms per token of four loops, in alternating rounds from the same prefilled cache, so a machine
+  shared with other work slows all alike (ratios are per round, then the median):
+  previous: the loop before this work (PlainDecoder(ahead=False): build, evaluate, read, repeat, with
+    the fused reference pieces off: MLX_DSV4_FUSE=0, kernels/fuse.py). It already has this version's
+    other graph savings (shared RoPE tables, masks every query passes left out, RoPE in fewer nodes, no
+    indexer scoring when the top-k covers every entry), so ratios against it understate the change;
+  not pipelined: fused pieces, build / evaluate / read;
+  async_eval: pipelined as mlx-lm does (the next step submitted with mx.async_eval before the read);
+  now: pipelined through evaluator.Evaluator's worker thread, the default on the CPU;
 - graph nodes of one step with the fused pieces off and on (views included: each is scheduled);
 - host ms with kernel dispatch (what a Mac builds): each kernel call is a stand-in (one node), as in
   benchmarks/launch_count.py, since Metal kernels cannot run here; graph nodes counted both ways.
-Both loops must emit the same tokens: the script checks it.
+All loops must emit the same tokens: the script checks it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from launch_count import VIEWS, _count, kernels_counted  # noqa: E402
 
+from mlx_dsv4 import evaluator  # noqa: E402
 from mlx_dsv4.bench import load_bench_model, loaded_blas, machine  # noqa: E402
 from mlx_dsv4.generate import PlainDecoder  # noqa: E402
 from mlx_dsv4.kernels import fuse  # noqa: E402
@@ -72,9 +76,19 @@ def split_times(model, cache, first: int, steps: int) -> tuple[list[float], list
     return host, ev, toks
 
 
-def decode(model, cache, first: int, steps: int, ahead: bool, fused: bool = True) -> tuple[float, list[int]]:
+LOOPS = {  # name: (fused pieces, pipelined, evaluator thread)
+    "previous": (False, False, False),  # the loop before this work: build, evaluate, read, repeat
+    "not pipelined": (True, False, False),
+    "async_eval": (True, True, False),  # pipelined as mlx-lm does it
+    "now": (True, True, True),  # pipelined through the evaluator thread (the default on the CPU)
+}
+
+
+def decode(model, cache, first: int, steps: int, loop: str) -> tuple[float, list[int]]:
     """Wall ms per token and the tokens, through the generation loop's own decoder."""
+    fused, ahead, thread = LOOPS[loop]
     fuse.set_enabled(fused)
+    evaluator.set_enabled(thread)
     dec = PlainDecoder(model, cache, greedy, [], None, ahead=ahead)
     last, toks = first, []
     t0 = time.perf_counter()
@@ -86,6 +100,7 @@ def decode(model, cache, first: int, steps: int, ahead: bool, fused: bool = True
     dec.close()
     ms = 1e3 * (time.perf_counter() - t0) / steps
     fuse.set_enabled(True)
+    evaluator.set_enabled(True)
     return ms, toks
 
 
@@ -140,34 +155,33 @@ def main(argv=None):
         host_old, ev_old, _ = split_times(model, snapshot(cache), first, a.steps)
         fuse.set_enabled(True)
         host, ev, ref_toks = split_times(model, snapshot(cache), first, a.steps)
-        old, new, same = [], [], True
+        wall, same = {k: [] for k in LOOPS}, True
         for _ in range(a.rounds):
-            ms_old, t_old = decode(model, snapshot(cache), first, a.steps, ahead=False, fused=False)
-            ms_new, t_new = decode(model, snapshot(cache), first, a.steps, ahead=True)
-            old.append(ms_old)
-            new.append(ms_new)
-            same &= t_old == t_new == ref_toks
+            for k in LOOPS:
+                ms, t = decode(model, snapshot(cache), first, a.steps, k)
+                wall[k].append(ms)
+                same &= t == ref_toks
         khost, nref, nker = kernel_host(model, cache, first, a.steps)
         n_old, n_new = step_nodes(model, cache, first, False), step_nodes(model, cache, first, True)
+        ratio = lambda a, b: statistics.median(x / y for x, y in zip(wall[a], wall[b]))  # noqa: E731
         r = dict(ctx=ctx, n_old=n_old, n_new=n_new, host_old=statistics.median(host_old),
                  eval_old=statistics.median(ev_old), host=statistics.median(host), eval=statistics.median(ev),
-                 old=statistics.median(old), new=statistics.median(new),
-                 speedup=statistics.median(o / n for o, n in zip(old, new)),
-                 khost=statistics.median(khost), nref=nref, nker=nker, same=same)
+                 wall={k: statistics.median(v) for k, v in wall.items()}, speedup=ratio("previous", "now"),
+                 overlap=ratio("async_eval", "now"), khost=statistics.median(khost), nref=nref, nker=nker, same=same)
         rows.append(r)
         print(f"context {ctx}: host {r['host_old']:.1f} -> {r['host']:.1f} ms, eval {r['eval_old']:.1f} -> "
-              f"{r['eval']:.1f} ms (unfused -> fused), nodes {n_old} unfused / {n_new} "
-              f"fused; wall per token: previous loop "
-              f"{[round(x, 1) for x in old]}, now {[round(x, 1) for x in new]}; same tokens: {same}", flush=True)
+              f"{r['eval']:.1f} ms (unfused -> fused), nodes {n_old} unfused / {n_new} fused; wall ms per token "
+              f"per round: {({k: [round(x, 1) for x in v] for k, v in wall.items()})}; same tokens: {same}", flush=True)
     print("\n| context | host build ms, unfused -> fused (reference) | host build ms (kernel dispatch) "
           "| graph nodes ref / kernels | step nodes unfused / fused | eval ms, unfused -> fused "
-          "| wall ms/token, previous loop | wall ms/token, now "
-          "| speed-up (median of rounds) | same tokens |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          + "".join(f"| wall ms/token, {k} " for k in LOOPS)
+          + "| speed-up, now / previous | now / async_eval | same tokens |")
+    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(LOOPS) + "---:|---:|---|")
     for r in rows:
         print(f"| {r['ctx']:,} | {r['host_old']:.1f} -> {r['host']:.1f} | {r['khost']:.1f} | {r['nref']} / {r['nker']} "
-              f"| {r['n_old']:,} / {r['n_new']:,} | {r['eval_old']:.1f} -> {r['eval']:.1f} | {r['old']:.1f} "
-              f"| {r['new']:.1f} | {r['speedup']:.2f}x | {r['same']} |")
+              f"| {r['n_old']:,} / {r['n_new']:,} | {r['eval_old']:.1f} -> {r['eval']:.1f} "
+              + "".join(f"| {r['wall'][k]:.1f} " for k in LOOPS)
+              + f"| {r['speedup']:.2f}x | {r['overlap']:.2f}x | {r['same']} |")
     return rows
 
 

@@ -8,6 +8,7 @@ knows the tokens can keep using the cache.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import threading
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
+from . import evaluator
 from .prompt_cache import load_prompt_cache, save_prompt_cache  # noqa: F401  (re-exported)
 from .sampling import SamplingParams
 from .speculative import Distribution, Emitted, Speculator, prefill_with_streams, processed_logprobs
@@ -206,9 +208,9 @@ PIPELINE = True  # PlainDecoder's default: submit the next step before reading t
 class PlainDecoder:
     """One token per round from the trunk alone: the same interface as Speculator.
 
-    ahead=True pipelines decoding (as mlx-lm does with mx.async_eval): the step that feeds token n is
-    built and submitted before token n is read back, so the host builds step n + 1's graph while
-    step n computes instead of after it. A stream that stops early has then fed one token too many:
+    ahead=True pipelines decoding: the step that feeds token n is built and submitted before token n
+    is read back, so the host builds step n + 1's graph while step n computes instead of after it
+    (on the CPU through evaluator.Evaluator, elsewhere with mx.async_eval as mlx-lm does). A stream that stops early has then fed one token too many:
     close() rolls every layer cache back by that step (LayerCache.rollback), so the cache contract
     holds. ahead=False is the previous loop (build, evaluate, read, then build the next step)."""
 
@@ -216,6 +218,9 @@ class PlainDecoder:
                  ahead: bool | None = None):
         self.model, self.cache, self.sampler, self.processors, self.history = model, cache, sampler, processors, history
         self.ahead = PIPELINE if ahead is None else ahead
+        self._ev = evaluator.for_this_thread() if self.ahead and not model.evaluates_inside else None
+        if self._ev is not None:  # what the worker evaluates may not reach back into this thread's lazy graphs
+            mx.eval(model.parameters(), [c.state for c in cache], history)
         self.stats = None
         self._next = None  # (token, logprobs, cache checkpoints) of the step submitted ahead
 
@@ -231,20 +236,27 @@ class PlainDecoder:
         y, lp = self.build(fed)
         # the cache too: states not read by this token's logits would otherwise stay lazy for
         # up to `ratio` steps, holding every intermediate activation alive
-        (mx.async_eval if self.ahead else mx.eval)(y, lp, [c.state for c in self.cache])
+        states = [c.state for c in self.cache]
+        if self._ev is not None:
+            self._ev.submit(y, lp, states, mx.random.state)
+        else:
+            (mx.async_eval if self.ahead else mx.eval)(y, lp, states)
         return y, lp
 
     def next_round(self, last: int, budget: int) -> list[Emitted]:
-        if self._next is None:
-            y, lp = self._step(mx.array([[last]]))
-        else:  # submitted last round, feeding the (then unread) token `last`
-            y, lp, _ = self._next
-            self._next = None
-        if self.ahead and budget > 1:  # the next step goes in before this token is read
-            ck = [c.checkpoint() for c in self.cache]
-            if self.history is not None:
-                self.history = mx.concatenate([self.history, y.reshape(1).astype(self.history.dtype)])
-            self._next = (*self._step(y.reshape(1, 1)), ck)
+        with mx.stream(self._ev.stream) if self._ev is not None else contextlib.nullcontext():
+            if self._next is None:
+                y, lp = self._step(mx.array([[last]]))
+            else:  # submitted last round, feeding the (then unread) token `last`
+                y, lp, _ = self._next
+                self._next = None
+            if self.ahead and budget > 1:  # the next step goes in before this token is read
+                ck = [c.checkpoint() for c in self.cache]
+                if self.history is not None:
+                    self.history = mx.concatenate([self.history, y.reshape(1).astype(self.history.dtype)])
+                self._next = (*self._step(y.reshape(1, 1)), ck)
+        if self._ev is not None:  # this token's step is done; the one fed ahead may still run
+            self._ev.wait(keep=int(self._next is not None))
         self._y = y
         return [Emitted(y.item(), lp, False)]
 
@@ -254,6 +266,8 @@ class PlainDecoder:
 
     def close(self) -> None:
         """End of stream: drop the step fed ahead, if any (its token was never emitted)."""
+        if self._ev is not None:
+            self._ev.wait()
         if self._next is not None:
             *_, ck = self._next
             self._next = None

@@ -129,6 +129,12 @@ class Model(HCHead):
         a = self.args
         return [LayerCache(a.ratio(i), a.window_size, compact, a.nope_head_dim) for i in self.owned]
 
+    @property
+    def evaluates_inside(self) -> bool:
+        """A forward that evaluates on its way (streamed experts load what the router chose; a split
+        model hands its streams on): only the thread that builds it can evaluate it."""
+        return self.expert_store is not None or self.stage is not None or self.shard is not None
+
     def make_mtp_cache(self) -> list[LayerCache]:
         a = self.args
         return [LayerCache(a.ratio(a.n_layers + i), a.window_size) for i in range(len(self.mtp))]

@@ -6,12 +6,14 @@ import collections
 import importlib
 import re
 import tempfile
+import threading
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import mlx_dsv4.model as model_mod
+from mlx_dsv4 import evaluator
 from mlx_dsv4.generate import PlainDecoder, stream_generate
 from mlx_dsv4.load import load
 from tinymodels import flat_state
@@ -107,23 +109,26 @@ def test_nothing_synchronises_inside_a_decode_step(tiny, monkeypatch):
 
 
 def test_one_submission_and_no_blocking_evaluation_per_token(tiny, monkeypatch):
-    """Each further token costs one mx.async_eval, no mx.eval, and two read-backs (the token, its log-prob)."""
+    """Each further token costs one submission to the evaluator thread, no evaluation on the decoding
+    thread (the worker's own mx.eval is not counted) and two read-backs (the token, its log-prob)."""
     model, tok = tiny
     calls = collections.Counter()
 
-    def counted(name, f):
+    def counted(name, f, here_only=False):
         def g(*a, **k):
-            calls[name] += 1
+            if not here_only or threading.current_thread() is threading.main_thread():
+                calls[name] += 1
             return f(*a, **k)
         return g
 
-    monkeypatch.setattr(mx, "eval", counted("eval", mx.eval))
+    monkeypatch.setattr(mx, "eval", counted("eval", mx.eval, here_only=True))
     monkeypatch.setattr(mx, "async_eval", counted("async_eval", mx.async_eval))
+    monkeypatch.setattr(evaluator.Evaluator, "submit", counted("submit", evaluator.Evaluator.submit))
     monkeypatch.setattr(mx.array, "item", counted("item", mx.array.item))
     seen = []
     for n in (6, 16):
         calls.clear()
         run(model, tok, True, monkeypatch, max_tokens=n)
         seen.append(dict(calls))
-    extra = {k: seen[1].get(k, 0) - seen[0].get(k, 0) for k in ("eval", "async_eval", "item")}
-    assert extra == {"eval": 0, "async_eval": 10, "item": 20}
+    extra = {k: seen[1].get(k, 0) - seen[0].get(k, 0) for k in ("eval", "async_eval", "submit", "item")}
+    assert extra == {"eval": 0, "async_eval": 0, "submit": 10, "item": 20}
