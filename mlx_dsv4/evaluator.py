@@ -29,9 +29,11 @@ class Evaluator:
         worker = threading.Thread(target=_work, args=(self._todo, self._done), name="mlx-dsv4-eval", daemon=True)
         worker.start()
         self.stream = self._done.get()
-        # The worker ends with its Evaluator (here: with the thread that used it) or at exit: a worker
-        # still alive when the interpreter ends makes MLX's teardown abort the process.
-        weakref.finalize(self, _stop, self._todo, worker)
+        # The worker ends with its Evaluator (here: with the thread that used it), but not at exit: a
+        # joined Python thread may still be running its C++ thread-local destructors when the main
+        # thread tears MLX down, which aborted the process ("terminate called without an active
+        # exception", once in a CI run). A daemon worker left waiting on its queue is simply dropped.
+        weakref.finalize(self, _stop, self._todo, worker).atexit = False
 
     def submit(self, *arrays) -> None:
         """Evaluate `arrays` (built on self.stream) after what was submitted before; returns at once."""

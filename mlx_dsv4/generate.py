@@ -210,9 +210,10 @@ class PlainDecoder:
 
     ahead=True pipelines decoding: the step that feeds token n is built and submitted before token n
     is read back, so the host builds step n + 1's graph while step n computes instead of after it
-    (on the CPU through evaluator.Evaluator, elsewhere with mx.async_eval as mlx-lm does). A stream that stops early has then fed one token too many:
-    close() rolls every layer cache back by that step (LayerCache.rollback), so the cache contract
-    holds. ahead=False is the previous loop (build, evaluate, read, then build the next step)."""
+    (on the CPU through evaluator.Evaluator, elsewhere with mx.async_eval as mlx-lm does). A stream
+    that stops early has then fed one token too many: close() rolls every layer cache back by that
+    step (LayerCache.rollback), so the cache contract holds. ahead=False is the previous loop (build,
+    evaluate, read, then build the next step)."""
 
     def __init__(self, model, cache: list, sampler: Callable, processors: list[Callable], history: mx.array | None,
                  ahead: bool | None = None):

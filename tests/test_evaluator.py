@@ -4,6 +4,7 @@ worker), thread liveness (the worker's lifetime)."""
 
 import gc
 import threading
+import types
 
 import mlx.core as mx
 import numpy as np
@@ -88,7 +89,8 @@ def test_the_worker_ends_with_the_thread_that_used_it(monkeypatch):
     assert _workers() == before
     # negative control: without the finalizer the worker outlives its thread
     leaked = []
-    monkeypatch.setattr(evaluator.weakref, "finalize", lambda obj, *a: leaked.append(obj._todo))
+    monkeypatch.setattr(evaluator.weakref, "finalize",
+                        lambda obj, *a: leaked.append(obj._todo) or types.SimpleNamespace())
     _use_and_end_a_thread()
     assert _workers() == before + 1
     leaked[0].put(None)  # end it by hand
