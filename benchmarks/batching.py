@@ -5,7 +5,8 @@
 
 1. BatchGenerator decode steps with 1, 2, 4, 8 rows (prompts of `--prompt` tokens, prefilled first, then
    `--tokens` greedy tokens each) on the bench model (Flash's layer schedule and attention geometry)
-   and the trained tiny: aggregate tok/s (all rows) and per-stream tok/s.
+   and the trained tiny: aggregate tok/s (all rows) and per-stream tok/s, pipelined (each step submitted
+   before the previous one's tokens are read, the default) and not, alternating, and their ratio.
 2. The server (tiny model, in-process uvicorn, --max-batch 8): 8 requests of `--tokens` greedy tokens
    one at a time, then all 8 at once; aggregate generation rate of each and their ratio, `--repeats`
    such pairs in the same run (each pair's ratio compares neighbouring phases; the median is reported).
@@ -33,9 +34,9 @@ from mlx_dsv4.bench import load_bench_model, machine  # noqa: E402
 from mlx_dsv4.load import load  # noqa: E402
 
 
-def rows_rate(model, tok, rows: int, prompt: int, tokens: int) -> dict:
+def rows_rate(model, tok, rows: int, prompt: int, tokens: int, ahead: bool = True) -> dict:
     rng = np.random.default_rng(rows)
-    gen = BatchGenerator(model, tok, max_batch=rows, prefill_step=512)
+    gen = BatchGenerator(model, tok, max_batch=rows, prefill_step=512, ahead=ahead)
     for _ in range(rows):
         gen.insert(rng.integers(0, model.args.vocab_size, prompt).tolist(), max_tokens=tokens, temperature=0.0)
     done = 0
@@ -132,10 +133,12 @@ def main():
     for name, m in models.items() if "rows" in a.parts else ():
         out["rows"][name] = []
         for b in rows:
-            r = rows_rate(m, tok, b, a.prompt, a.tokens)
+            old, r = (rows_rate(m, tok, b, a.prompt, a.tokens, ahead) for ahead in (False, True))
+            r["not_pipelined_tps"] = old["aggregate_tps"]
             out["rows"][name].append(r)
-            print(f"{name:6s} rows {b}: aggregate {r['aggregate_tps']:7.1f} tok/s, "
-                  f"per stream {r['per_stream_tps']:6.1f} tok/s", flush=True)
+            print(f"{name:6s} rows {b}: aggregate {r['aggregate_tps']:7.1f} tok/s, per stream "
+                  f"{r['per_stream_tps']:6.1f} tok/s; not pipelined {old['aggregate_tps']:7.1f} tok/s "
+                  f"({r['aggregate_tps'] / old['aggregate_tps']:.2f}x)", flush=True)
     if "server" not in a.parts:
         return finish(out, a.json)
     s = out["server"] = server_bench(tiny_model, tok, a.tokens, a.repeats)

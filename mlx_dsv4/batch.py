@@ -10,10 +10,17 @@ tokens per step (oldest first), so a long prompt delays the running rows by at m
 
 A row's responses come from generate._stream, fed by the batched steps (RowSource) instead of a
 PlainDecoder: detokenizing, stop strings, log-probabilities and the cache contract are the solo ones.
+
+Pipelined (as PlainDecoder): each step() submits the next decode step, fed with the tokens of the step
+in flight before they are read, then reads those. A row that ends on a token it was already fed (EOS, a
+stop string) has that step undone for its cache (LayerCache.rollback); a cancel latched at a step's start
+drops the row's token in flight the same way, so every row's responses and cache are the unpipelined ones.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import itertools
 import time
 from collections import deque
@@ -22,9 +29,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from . import evaluator
 from .cache import LayerCache
 from .generate import GenerationResponse, Plan, _stream, prefill, prepare
 from .speculative import Emitted, processed_logprobs
+
+_generate = importlib.import_module(".generate", __package__)  # the module: the package exports a function so named
 
 
 class RowCaches:
@@ -121,7 +131,7 @@ class BatchGenerator:
 
     def __init__(self, model, tokenizer, max_batch: int = 8, prefill_step: int = 512,
                  admit: Callable[[Plan, list[Plan]], bool] | None = None,
-                 prefilled: Callable[[Plan], None] | None = None):
+                 prefilled: Callable[[Plan], None] | None = None, ahead: bool | None = None):
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         if prefill_step < 1:
@@ -131,6 +141,12 @@ class BatchGenerator:
         self.queued: deque[Row] = deque()
         self.running: list[Row] = []
         self._uids = itertools.count()
+        # pipelined (see the module's docstring) unless the forward evaluates on its way (split models,
+        # streamed experts): their steps cannot be handed to another thread or left in flight
+        self.ahead = (_generate.PIPELINE if ahead is None else ahead) and not model.evaluates_inside
+        self._flight: dict[Row, tuple] = {}  # the step in flight: row -> (token [1], logprobs [V], checkpoints)
+        self._ev = self._submitted = None
+        self._warm = False  # model parameters evaluated on this thread (the worker cannot evaluate them)
 
     def insert(self, prompt, should_stop: Callable[[], bool] | None = None, **kwargs) -> int:
         if kwargs.get("num_draft_tokens"):
@@ -186,6 +202,13 @@ class BatchGenerator:
             if not row.prefilling and row.fed > before and self.prefilled is not None:
                 self.prefilled(row.plan)
         ready = [r for r in self.running if not r.prefilling]
+        if self.ahead:
+            try:
+                self._step_ahead(ready, out)
+            except BaseException:
+                self._drain()
+                raise
+            return out
         decode = [r for r in ready if not r.stopping and r.n < r.plan.max_tokens]
         for row in ready:
             if row not in decode:  # ends without a token: its stream reports cancelled / length
@@ -207,6 +230,86 @@ class BatchGenerator:
                     row.history = mx.concatenate([row.history, y.reshape(1).astype(row.history.dtype)])
                 out.append((row.uid, self._finish(row, r)))
         return out
+
+    def _step_ahead(self, ready: list[Row], out: list) -> None:
+        """The pipelined decode step: submit the next step, then read the one in flight."""
+        flight, self._flight = self._flight, {}
+        dropped = [r for r in flight if r.stopping]
+        if dropped:  # cancelled at this step's start: as unpipelined, the token in flight is never read
+            self._settle()
+            for row in dropped:
+                self._undo(row, flight.pop(row)[2])
+        for row in ready:
+            if row not in flight and (row.stopping or row.n >= row.plan.max_tokens):
+                out.append((row.uid, self._finish(row, row.respond())))
+        fresh = [r for r in ready if r not in flight and not r.stopping and r.n < r.plan.max_tokens]
+        if fresh and not flight:  # nothing to read yet: their step goes in now, the next one ahead of it below
+            flight, fresh = self._submit([(r, r.last) for r in fresh]), []
+        feed = [(r, y) for r, (y, _, _) in flight.items() if r.n + 1 < r.plan.max_tokens]
+        if feed or fresh:
+            self._flight = self._submit(feed + [(r, r.last) for r in fresh])
+        if self._ev is not None:
+            self._ev.wait(keep=int(bool(self._flight)))
+        for row, (y, lp, _) in flight.items():
+            row.source.ready = Emitted(y.item(), lp, False)
+            r = row.respond()
+            if r.finish_reason is not None and row in self._flight:  # fed ahead, then ended: undo that step
+                self._settle()
+                self._undo(row, self._flight.pop(row)[2])
+            out.append((row.uid, self._finish(row, r)))
+
+    def _submit(self, feed: list[tuple[Row, int | mx.array]]) -> dict[Row, tuple]:
+        """Build and submit the decode step feeding each row its token; nothing is read back. A lazy token
+        (from the step in flight) joins the row's history here; an int one (its last) is there already."""
+        if self._ev is None:
+            self._ev = evaluator.for_this_thread()
+        ev, new = self._ev, [r for r, t in feed if isinstance(t, int)]
+        if ev is not None and new:  # the worker cannot evaluate lazy graphs made on this thread's stream
+            mx.eval([] if self._warm else self.model.parameters(), [[c.live for c in r.plan.cache] for r in new],
+                    [r.history for r in new], mx.random.state)
+            self._warm = True
+        picks = {}
+        with mx.stream(ev.stream) if ev is not None else contextlib.nullcontext():
+            ck = {r: [c.checkpoint() for c in r.plan.cache] for r, _ in feed}
+            toks = mx.concatenate([mx.array([t], mx.int32) if isinstance(t, int) else t.reshape(1).astype(mx.int32)
+                                   for _, t in feed])
+            logits = step_logits(self.model, toks, [r.plan.cache for r, _ in feed])
+            plain = processed_logprobs(logits, [], None)
+            for i, (row, t) in enumerate(feed):
+                if row.history is not None and not isinstance(t, int):
+                    row.history = mx.concatenate([row.history, t.reshape(1).astype(row.history.dtype)])
+                p = row.plan.processors
+                lp = processed_logprobs(logits[i : i + 1], p, row.history) if p else plain[i : i + 1]
+                picks[row] = (row.plan.sampler(lp), lp[0], ck[row])
+            arrays = [[y, lp] for y, lp, _ in picks.values()], [[c.live for c in r.plan.cache] for r, _ in feed]
+        if ev is not None:
+            ev.submit(*arrays, mx.random.state)
+        else:
+            mx.async_eval(arrays)
+            self._submitted = arrays
+        return picks
+
+    def _settle(self) -> None:
+        """Until every submitted step has run (before a row's cache is rolled back on this thread)."""
+        if self._ev is not None:
+            self._ev.wait()
+        elif self._submitted is not None:
+            mx.eval(self._submitted)
+
+    def _undo(self, row: Row, ck: list) -> None:
+        for c, s in zip(row.plan.cache, ck):
+            c.rollback(s, 0)
+        if row.history is not None:  # it took the dropped step's token too
+            row.history = row.history[: len(row.plan.ids) + row.n]
+        mx.eval([c.live for c in row.plan.cache], row.history)
+
+    def _drain(self) -> None:
+        """After a failed step: nothing stays in flight (the thread's evaluator outlives this generator)."""
+        self._flight = {}
+        try:
+            self._settle()
+        except Exception:  # noqa: BLE001 - the step's own error is already on its way up
+            pass
 
     def _finish(self, row: Row, r: GenerationResponse) -> GenerationResponse:
         if r.finish_reason is not None:

@@ -38,11 +38,19 @@ class RecordingModel:
 
     def __init__(self, model):
         self._model = model
-        self.calls: list[tuple[list[int], str]] = []
+        self._log: list[tuple[object, str]] = []
 
     def __call__(self, x, *args, **kw):
-        self.calls.append((x.reshape(-1).tolist(), threading.current_thread().name))
+        # kept as given and read later: a pipelined decode step is fed tokens still being computed
+        self._log.append((x, threading.current_thread().name))
         return self._model(x, *args, **kw)
+
+    @property
+    def calls(self) -> list[tuple[list[int], str]]:
+        return [(x.reshape(-1).tolist(), name) for x, name in self._log]
+
+    def clear(self) -> None:
+        self._log.clear()
 
     def __getattr__(self, name):
         return getattr(self._model, name)

@@ -30,7 +30,7 @@ def client(s):
 
 def cold(s):
     s.engine.prefix.clear()
-    s.rec.calls.clear()
+    s.rec.clear()
 
 
 def test_create_stream_and_count_tokens(srv):

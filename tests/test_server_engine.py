@@ -55,7 +55,7 @@ def test_second_turn_prefills_only_the_new_suffix(srv):
     # what turn 1 left behind: snapshots of the prompt but its last token, and of prompt + reply but its last token
     held = [p1[:-1], (p1 + gen1)[:-1]]
     expect = max(len(h) for h in held if len(h) < len(p2) and p2[: len(h)] == h)
-    srv.rec.calls.clear()
+    srv.rec.clear()
     r2 = chat(srv, turn2, 3)
     assert r2.usage.prompt_tokens_details.cached_tokens == expect >= len(p1) - 1
     # the model saw only the uncached suffix, then the generated tokens but the last
@@ -72,7 +72,7 @@ def test_eight_concurrent_streams_equal_solo_runs(srv):
 
     srv.engine.prefix.clear()
     srv.jobs.clear()
-    srv.rec.calls.clear()
+    srv.rec.clear()
     with ThreadPoolExecutor(8) as ex:
         together = list(ex.map(run, prompts))
     assert together == solo

@@ -33,7 +33,7 @@ def client(s):
 def cold(s):
     """Forget earlier requests: no snapshot reuse, empty call record."""
     s.engine.prefix.clear()
-    s.rec.calls.clear()
+    s.rec.clear()
 
 
 def test_models_and_health(srv):
