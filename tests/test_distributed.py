@@ -1,6 +1,7 @@
 """V4 split across ranks (mx.distributed, ring backend on loopback) against transformers.
 
-Each launch starts N ranks with mlx.launch (2 and 3) and runs both modes in turn: pipeline (5 layers
+Each launch starts N ranks with mlx.launch (3 for Flash, 2 for Pro: both rank counts and both schedules
+at two launches' cost, the uneven 3-way splits on the main model) and runs both modes in turn: pipeline (5 layers
 split unevenly into stages) and tensor (4 output groups split 2/1/1 over 3 ranks, 8 experts 3/3/2, the
 shared expert's 32 rows 11/11/10). Every rank must return the oracle's logits (HF
 DeepseekV4ForCausalLM, fp32) in a full prefill, a chunked prefill and a token-by-token decode;
@@ -27,6 +28,7 @@ TOL = 1e-4
 N_TOKENS, PREFILL = 140, 120  # as in dist_worker.py
 N_LAYERS = 5
 # what tensor mode splits (written here independently of distributed._SPLIT): everything else is replicated
+RANKS = {"flash": 3, "pro": 2}
 SPLIT = re.compile(r"\.attn\.(wq_b|wo_a|wo_b|attn_sink)\b|\.ffn\.(experts\.\d+|shared_experts)\.")
 
 
@@ -73,9 +75,9 @@ def _check_logits(ranks, ref):
         assert np.array_equal(out["full"], ranks[0]["full"]), "every rank gets the very same logits"
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_pipeline_matches_transformers(case, n, runs):
+def test_pipeline_matches_transformers(case, runs):
     kind, root, toks, ref, total, _ = case
+    n = RANKS[kind]
     ranks = runs(case, n)["pipeline"]
     _check_logits(ranks, ref)
     layers = [[int(i) for i in out["layers"]] for out in ranks]
@@ -87,9 +89,9 @@ def test_pipeline_matches_transformers(case, n, runs):
     assert max(shares) <= 1.3 / n, shares
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_tensor_matches_transformers(case, n, runs):
+def test_tensor_matches_transformers(case, runs):
     kind, root, toks, ref, total, rep = case
+    n = RANKS[kind]
     ranks = runs(case, n)["tensor"]
     _check_logits(ranks, ref)
     assert all(out["cache_layers"] == N_LAYERS for out in ranks), "every rank keeps the whole (replicated) cache"

@@ -125,8 +125,10 @@ def test_every_kernel_through_the_harness_matches_the_reference(model, reference
 
 
 @needs_cxx
+@pytest.mark.parametrize("model", [True], ids=["sim_on"], indirect=True)
 def test_a_broken_kernel_in_the_model_is_caught(model, reference, monkeypatch):
-    """Negative control: the decode attention's window reaches one row too far back."""
+    """Negative control: the decode attention's window reaches one row too far back (with the simulation
+    on, as users run it: the comparison above is the same code with the simulation off)."""
     monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
     toks, ref, sel = reference
     sel.start_replay()
