@@ -107,3 +107,19 @@ def test_include_prepends_shared_code_and_is_checked(tmp_path):
         check_spec(parse_spec(text, str(tmp_path / "demo.metal"), "demo"))
     with pytest.raises(KernelSpecError, match="@include 'missing'"):
         parse_spec(GOOD.replace("// @grid", "// @include missing\n// @grid"), str(tmp_path / "demo.metal"), "demo")
+
+
+def test_launch_checks_every_template_though_it_caches_the_check(monkeypatch):
+    """launch() remembers validated templates; one that differs only by type (1 for True) is still refused."""
+    seen = []
+    monkeypatch.setattr(registry, "get_kernel", lambda name: lambda **kw: seen.append(kw["template"]) or [])
+    spec = load_spec("hc_pre")
+    ok = {n: (mx.float32 if k == "type" else True if k == "bool" else 4) for n, k in spec.template}
+    args = dict(inputs=[mx.zeros(1)] * len(spec.inputs), grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[],
+                output_dtypes=[])
+    for _ in range(2):
+        registry.launch("hc_pre", template=ok, **args)
+    assert seen[0] == seen[1] == [(n, ok[n]) for n, _ in spec.template]
+    bad = {n: 1 if k == "bool" else ok[n] for n, k in spec.template}
+    with pytest.raises(ValueError, match="must be bool"):
+        registry.launch("hc_pre", template=bad, **args)

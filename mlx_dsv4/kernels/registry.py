@@ -236,6 +236,13 @@ def placeholder(shape: tuple, dtype) -> mx.array:
     return a
 
 
+@functools.lru_cache(maxsize=4096)
+def _template(name: str, given: tuple) -> tuple:
+    """KernelSpec.template_args, once per distinct template (a decode step launches ~2,400 kernels with a
+    few dozen templates). The type is part of the key: True == 1, but an int is no bool argument."""
+    return tuple(load_spec(name).template_args([(k, v) for k, _, v in given]))
+
+
 def launch(name: str, inputs: Sequence[mx.array], *, template=None, grid, threadgroup, output_shapes,
            output_dtypes, init_value: float | None = None) -> list[mx.array]:
     """Call kernel `name` with its template checked and put in declared order."""
@@ -245,7 +252,8 @@ def launch(name: str, inputs: Sequence[mx.array], *, template=None, grid, thread
     kw = {"inputs": list(inputs), "grid": tuple(grid), "threadgroup": tuple(threadgroup),
           "output_shapes": [tuple(s) for s in output_shapes], "output_dtypes": list(output_dtypes)}
     if spec.template:
-        kw["template"] = spec.template_args(template)
+        given = template.items() if isinstance(template, Mapping) else (template or ())
+        kw["template"] = list(_template(name, tuple((k, type(v), v) for k, v in given)))
     if init_value is not None:
         kw["init_value"] = init_value
     return get_kernel(name)(**kw)
