@@ -214,16 +214,9 @@ class BatchGenerator:
             if row not in decode:  # ends without a token: its stream reports cancelled / length
                 out.append((row.uid, self._finish(row, row.respond())))
         if decode:
-            toks = mx.array([r.last for r in decode], dtype=mx.int32)
-            logits = step_logits(self.model, toks, [r.plan.cache for r in decode])
-            plain = processed_logprobs(logits, [], None)  # the rows without processors, all at once
-            picks = []
-            for i, row in enumerate(decode):
-                p = row.plan.processors
-                lp = processed_logprobs(logits[i : i + 1], p, row.history) if p else plain[i : i + 1]
-                picks.append((row.plan.sampler(lp), lp[0]))
-            mx.eval(picks, [[c.live for c in r.plan.cache] for r in decode])
-            for row, (y, lp) in zip(decode, picks):
+            picks, arrays = self._build([(r, r.last) for r in decode])
+            mx.eval(arrays)
+            for row, (y, lp, _) in picks.items():
                 row.source.ready = Emitted(y.item(), lp, False)
                 r = row.respond()
                 if row.history is not None:
@@ -259,8 +252,7 @@ class BatchGenerator:
             out.append((row.uid, self._finish(row, r)))
 
     def _submit(self, feed: list[tuple[Row, int | mx.array]]) -> dict[Row, tuple]:
-        """Build and submit the decode step feeding each row its token; nothing is read back. A lazy token
-        (from the step in flight) joins the row's history here; an int one (its last) is there already."""
+        """Build and submit the decode step feeding each row its token (see _build); nothing is read back."""
         if self._ev is None:
             self._ev = evaluator.for_this_thread()
         ev, new = self._ev, [r for r, t in feed if isinstance(t, int)]
@@ -268,26 +260,32 @@ class BatchGenerator:
             mx.eval([] if self._warm else self.model.parameters(), [[c.live for c in r.plan.cache] for r in new],
                     [r.history for r in new], mx.random.state)
             self._warm = True
-        picks = {}
         with mx.stream(ev.stream) if ev is not None else contextlib.nullcontext():
-            ck = {r: [c.checkpoint() for c in r.plan.cache] for r, _ in feed}
-            toks = mx.concatenate([mx.array([t], mx.int32) if isinstance(t, int) else t.reshape(1).astype(mx.int32)
-                                   for _, t in feed])
-            logits = step_logits(self.model, toks, [r.plan.cache for r, _ in feed])
-            plain = processed_logprobs(logits, [], None)
-            for i, (row, t) in enumerate(feed):
-                if row.history is not None and not isinstance(t, int):
-                    row.history = mx.concatenate([row.history, t.reshape(1).astype(row.history.dtype)])
-                p = row.plan.processors
-                lp = processed_logprobs(logits[i : i + 1], p, row.history) if p else plain[i : i + 1]
-                picks[row] = (row.plan.sampler(lp), lp[0], ck[row])
-            arrays = [[y, lp] for y, lp, _ in picks.values()], [[c.live for c in r.plan.cache] for r, _ in feed]
+            picks, arrays = self._build(feed)
         if ev is not None:
-            ev.submit(*arrays, mx.random.state)
+            ev.submit(arrays, mx.random.state)
         else:
             mx.async_eval(arrays)
             self._submitted = arrays
         return picks
+
+    def _build(self, feed: list[tuple[Row, int | mx.array]]) -> tuple[dict[Row, tuple], list]:
+        """The graph of one decode step: {row: (token [1], logprobs [V], its cache checkpoints before the
+        step)} and what to evaluate (tokens, log-probs, caches). A lazy token (from the step in flight)
+        joins the row's history here; an int one (its last) is there already."""
+        ck = {r: [c.checkpoint() for c in r.plan.cache] for r, _ in feed}
+        toks = mx.concatenate([mx.array([t], mx.int32) if isinstance(t, int) else t.reshape(1).astype(mx.int32)
+                               for _, t in feed])
+        logits = step_logits(self.model, toks, [r.plan.cache for r, _ in feed])
+        plain = processed_logprobs(logits, [], None)  # the rows without processors, all at once
+        picks = {}
+        for i, (row, t) in enumerate(feed):
+            if row.history is not None and not isinstance(t, int):
+                row.history = mx.concatenate([row.history, t.reshape(1).astype(row.history.dtype)])
+            p = row.plan.processors
+            lp = processed_logprobs(logits[i : i + 1], p, row.history) if p else plain[i : i + 1]
+            picks[row] = (row.plan.sampler(lp), lp[0], ck[row])
+        return picks, [[[y, lp] for y, lp, _ in picks.values()], [[c.live for c in r.plan.cache] for r, _ in feed]]
 
     def _settle(self) -> None:
         """Until every submitted step has run (before a row's cache is rolled back on this thread)."""
