@@ -11,11 +11,10 @@ whose undo went wrong is a whole token off (the negative control).
 """
 
 import collections
-import threading
 
-import mlx.core as mx
 import numpy as np
 import pytest
+from sync_count import count_syncs
 from tinymodels import flat_state
 
 from mlx_dsv4 import evaluator
@@ -133,19 +132,7 @@ def test_one_submission_and_no_evaluation_per_steady_step(tiny, monkeypatch):
     """Once every row decodes, a step costs one submission to the evaluator thread, no evaluation on the
     decoding thread and two read-backs per row (its token, its log-prob), whatever the batch size."""
     model, tok = tiny
-    calls = collections.Counter()
-
-    def counted(name, f, here_only=False):
-        def g(*a, **k):
-            if not here_only or threading.current_thread() is threading.main_thread():
-                calls[name] += 1
-            return f(*a, **k)
-        return g
-
-    monkeypatch.setattr(mx, "eval", counted("eval", mx.eval, here_only=True))
-    monkeypatch.setattr(mx, "async_eval", counted("async_eval", mx.async_eval))
-    monkeypatch.setattr(evaluator.Evaluator, "submit", counted("submit", evaluator.Evaluator.submit))
-    monkeypatch.setattr(mx.array, "item", counted("item", mx.array.item))
+    calls = count_syncs(monkeypatch)
     for b in (1, 3):
         g = BatchGenerator(model, tok, 8, prefill_step=512, ahead=True)
         for p in prompts([20] * b, seed=b):

@@ -6,16 +6,15 @@ import collections
 import importlib
 import re
 import tempfile
-import threading
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import mlx_dsv4.model as model_mod
-from mlx_dsv4 import evaluator
 from mlx_dsv4.generate import PlainDecoder, stream_generate
 from mlx_dsv4.load import load
+from sync_count import count_syncs
 from tinymodels import flat_state
 
 generate = importlib.import_module("mlx_dsv4.generate")  # the package re-exports a function of that name
@@ -112,19 +111,7 @@ def test_one_submission_and_no_blocking_evaluation_per_token(tiny, monkeypatch):
     """Each further token costs one submission to the evaluator thread, no evaluation on the decoding
     thread (the worker's own mx.eval is not counted) and two read-backs (the token, its log-prob)."""
     model, tok = tiny
-    calls = collections.Counter()
-
-    def counted(name, f, here_only=False):
-        def g(*a, **k):
-            if not here_only or threading.current_thread() is threading.main_thread():
-                calls[name] += 1
-            return f(*a, **k)
-        return g
-
-    monkeypatch.setattr(mx, "eval", counted("eval", mx.eval, here_only=True))
-    monkeypatch.setattr(mx, "async_eval", counted("async_eval", mx.async_eval))
-    monkeypatch.setattr(evaluator.Evaluator, "submit", counted("submit", evaluator.Evaluator.submit))
-    monkeypatch.setattr(mx.array, "item", counted("item", mx.array.item))
+    calls = count_syncs(monkeypatch)
     seen = []
     for n in (6, 16):
         calls.clear()
