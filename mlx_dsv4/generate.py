@@ -202,7 +202,7 @@ def keyed_sampler(temperature: float, top_p: float, min_p: float, top_k: int, se
     return draw
 
 
-PIPELINE = True  # PlainDecoder's default: submit the next step before reading the current token
+PIPELINE = True  # PlainDecoder's and Speculator's default: submit work before reading back what it yields
 
 
 class PlainDecoder:
@@ -309,7 +309,7 @@ def _stream(plan: Plan, source=None) -> Iterator[GenerationResponse]:
         k, dist = draft
         h = prefill_with_streams(model, todo[:-1], cache, prefill_step_size, model.args.window_size, report)
         pending = None if h is None else (h, todo[len(todo) - h.shape[1] :])
-        source = Speculator(model, cache, k, dist, processors, history, pending)
+        source = Speculator(model, cache, k, dist, processors, history, pending, ahead=PIPELINE)
     detok, stops = Detokenizer(tokenizer), StopStrings(stop)
 
     def close() -> tuple[str, bool]:  # end of stream: release held bytes and held text
@@ -378,7 +378,7 @@ def _stream(plan: Plan, source=None) -> Iterator[GenerationResponse]:
     finally:  # however the stream ends, the cache keeps exactly the tokens emitted (but the last)
         if emitted:
             source.commit(max(used, 1))
-        if isinstance(source, PlainDecoder):
+        if hasattr(source, "close"):
             source.close()
 
 

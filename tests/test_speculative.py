@@ -49,7 +49,7 @@ def oracle(monkeypatch, ref, seed=0, p_bad=0.3):
         n = self.stats.emitted
         d = [t if rng.random() > p_bad else (t + 1) % 129280 for t in ref[n : n + k]]
         d += [7] * (k - len(d))
-        return d, [None] * k, mtp_ck
+        return mx.array(d, mx.int32), None, mtp_ck
 
     monkeypatch.setattr(Speculator, "_draft", draft)
 
@@ -196,15 +196,20 @@ TARGET = np.log(np.array([0.30, 0.05, 0.25, 0.10, 0.20, 0.10]))
 DRAFT = np.log(np.array([0.05, 0.40, 0.15, 0.20, 0.10, 0.10]))
 
 
+def judged(dist, lp, d, q):
+    """The token each position emits on its own: the draft if accepted, else a draw of the correction."""
+    ok, rows = judge(dist, lp, d, q)
+    return mx.where(ok, d, dist.pick(rows))
+
+
 def emitted_counts(dist, rule, draws=8000, seed=0):
+    """All draws judged at once (judge works on every position of a round in one graph)."""
     mx.random.seed(seed)
-    lp, dlp = mx.array(TARGET, mx.float32), mx.array(DRAFT, mx.float32)
-    q = dist.probs(dlp)
-    ds = mx.random.categorical(mx.log(q), num_samples=draws).tolist()
-    counts = np.zeros(V)
-    for d in ds:
-        counts[rule(dist, lp, d, q)[1]] += 1
-    return counts, np.array(dist.probs(lp))
+    lp = mx.broadcast_to(mx.array(TARGET, mx.float32), (draws, V))
+    q = mx.broadcast_to(dist.probs(mx.array(DRAFT, mx.float32)), (draws, V))
+    ds = mx.random.categorical(mx.log(q[0]), num_samples=draws).astype(mx.int32)
+    counts = np.bincount(np.array(rule(dist, lp, ds, q)), minlength=V).astype(float)
+    return counts, np.array(dist.probs(lp[0]))
 
 
 def chi2_pvalue(counts, p):
@@ -220,10 +225,10 @@ def chi2_pvalue(counts, p):
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 1.0, 0), (1.0, 0.8, 0), (1.3, 1.0, 4)])
 def test_rejection_sampling_emits_the_target_distribution(temperature, top_p, top_k):
     dist = Distribution(temperature, top_p, 0.0, top_k)
-    counts, p = emitted_counts(dist, judge)
+    counts, p = emitted_counts(dist, judged)
     assert chi2_pvalue(counts, p) > 1e-3
     # negative control: accepting every draft emits the draft's distribution instead
-    bad, _ = emitted_counts(dist, lambda dist, lp, d, q: (True, d), draws=3000)
+    bad, _ = emitted_counts(dist, lambda dist, lp, d, q: d, draws=3000)
     assert chi2_pvalue(bad, p) < 1e-6
 
 
