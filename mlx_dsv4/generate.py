@@ -221,7 +221,7 @@ class PlainDecoder:
         self.ahead = PIPELINE if ahead is None else ahead
         self._ev = evaluator.for_this_thread() if self.ahead and not model.evaluates_inside else None
         if self._ev is not None:  # what the worker evaluates may not reach back into this thread's lazy graphs
-            mx.eval(model.parameters(), [c.state for c in cache], history)
+            mx.eval(model.parameters(), [c.state for c in cache], history, evaluator.random_state())
         self.stats = None
         self._next = None  # (token, logprobs, cache checkpoints) of the step submitted ahead
 
@@ -239,7 +239,7 @@ class PlainDecoder:
         # up to `ratio` steps, holding every intermediate activation alive
         states = [c.state for c in self.cache]
         if self._ev is not None:
-            self._ev.submit(y, lp, states, mx.random.state)
+            self._ev.submit(y, lp, states, evaluator.random_state())
         else:
             (mx.async_eval if self.ahead else mx.eval)(y, lp, states)
         return y, lp

@@ -180,7 +180,8 @@ class Speculator:
         self._round = None
         self._ev = evaluator.for_this_thread() if ahead and not model.evaluates_inside else None
         if self._ev is not None:
-            mx.eval(model.parameters(), [c.state for c in cache], history, self.pending_h)
+            mx.eval(model.parameters(), [c.state for c in cache], history, self.pending_h,
+                    evaluator.random_state())
 
     def _here(self):
         """Where the round's graphs are built: the worker's stream, if it evaluates them."""
@@ -190,7 +191,7 @@ class Speculator:
         """Start evaluating `arrays`; returns at once. The random key goes too: sampling splits it on
         the worker's stream, so only the worker may evaluate it."""
         if self._ev is not None:
-            self._ev.submit(*arrays, mx.random.state)
+            self._ev.submit(*arrays, evaluator.random_state())
         else:
             mx.async_eval(*arrays)
 
