@@ -234,7 +234,7 @@ class Speculator:
         if k > 0:
             with self._here():
                 drafts, qs, mtp_ck = self._draft(k)
-                self._launch(drafts, qs, self.mtp_cache[0].state)
+                self._launch(drafts, qs, self.mtp_cache[0].live)
         with self._here():
             ck = [c.checkpoint() for c in self.cache]
             fed = mx.array([last], mx.int32)
@@ -242,7 +242,9 @@ class Speculator:
             lp = self._target(m.logits(m.collapse(H))[0], drafts)
             outcome = settle(self.dist, lp, drafts, qs)
             rows = [lp[j] for j in range(k + 1)]  # the caller reads these: evaluated with the round
-            self._launch(outcome, rows, H, [c.state for c in self.cache])
+            # the cache goes in with the commit, after its rollback: what of it the outcome does not
+            # read then runs while this thread builds the next round
+            self._launch(outcome, rows, H)
         if self._ev is not None:
             self._ev.wait()
         a, *tokens = outcome.tolist()  # the round's one read-back
@@ -274,7 +276,7 @@ class Speculator:
                 self.pending_t += kept
             if self.history is not None:
                 self.history = mx.concatenate([self.history, mx.array(kept, self.history.dtype)])
-            self._launch(self.pending_h, [c.state for c in self.cache], self.mtp_cache[0].state, self.history)
+            self._launch(self.pending_h, [c.live for c in self.cache], self.mtp_cache[0].live, self.history)
         self.stats.record(k, a, used)
 
     def close(self) -> None:
