@@ -9,7 +9,8 @@ submitted; mx.eval lets go of the GIL while it waits, so the submitting thread b
 MLX streams belong to the thread that made them: a graph for the worker is built under
 `with mx.stream(ev.stream)`, and everything built there must be evaluated by the worker (evaluated
 arrays can be read, and used as inputs, from any thread). Global lazy state built there goes in
-too: the random key that a sampler splits (`mx.random.state`).
+too: the random key that a sampler splits (`random_state()`), and the key must be evaluated before
+the worker first splits it (it may be lazy on the caller's stream).
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def _stop(todo: queue.SimpleQueue, worker: threading.Thread) -> None:
     todo.put(None)
     if worker is not threading.current_thread():
         worker.join(timeout=60)
+
+
+def random_state() -> list[mx.array]:
+    """The global random key as mx.eval and Evaluator.submit take it: mx.random.state is not a list
+    (MLX 0.32: a _RandomState), and mx.eval passes over it silently, leaving the key lazy."""
+    return list(mx.random.state)
 
 
 _local = threading.local()

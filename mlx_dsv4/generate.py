@@ -202,7 +202,7 @@ def keyed_sampler(temperature: float, top_p: float, min_p: float, top_k: int, se
     return draw
 
 
-PIPELINE = True  # PlainDecoder's default: submit the next step before reading the current token
+PIPELINE = True  # PlainDecoder's and Speculator's default: submit work before reading back what it yields
 
 
 class PlainDecoder:
@@ -221,7 +221,7 @@ class PlainDecoder:
         self.ahead = PIPELINE if ahead is None else ahead
         self._ev = evaluator.for_this_thread() if self.ahead and not model.evaluates_inside else None
         if self._ev is not None:  # what the worker evaluates may not reach back into this thread's lazy graphs
-            mx.eval(model.parameters(), [c.state for c in cache], history)
+            mx.eval(model.parameters(), [c.state for c in cache], history, evaluator.random_state())
         self.stats = None
         self._next = None  # (token, logprobs, cache checkpoints) of the step submitted ahead
 
@@ -239,7 +239,7 @@ class PlainDecoder:
         # up to `ratio` steps, holding every intermediate activation alive
         states = [c.state for c in self.cache]
         if self._ev is not None:
-            self._ev.submit(y, lp, states, mx.random.state)
+            self._ev.submit(y, lp, states, evaluator.random_state())
         else:
             (mx.async_eval if self.ahead else mx.eval)(y, lp, states)
         return y, lp
@@ -309,7 +309,7 @@ def _stream(plan: Plan, source=None) -> Iterator[GenerationResponse]:
         k, dist = draft
         h = prefill_with_streams(model, todo[:-1], cache, prefill_step_size, model.args.window_size, report)
         pending = None if h is None else (h, todo[len(todo) - h.shape[1] :])
-        source = Speculator(model, cache, k, dist, processors, history, pending)
+        source = Speculator(model, cache, k, dist, processors, history, pending, ahead=PIPELINE)
     detok, stops = Detokenizer(tokenizer), StopStrings(stop)
 
     def close() -> tuple[str, bool]:  # end of stream: release held bytes and held text
@@ -378,7 +378,7 @@ def _stream(plan: Plan, source=None) -> Iterator[GenerationResponse]:
     finally:  # however the stream ends, the cache keeps exactly the tokens emitted (but the last)
         if emitted:
             source.commit(max(used, 1))
-        if isinstance(source, PlainDecoder):
+        if hasattr(source, "close"):
             source.close()
 
 

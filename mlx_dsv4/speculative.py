@@ -22,15 +22,23 @@ Only the last `window_size` MTP rows are ever read (the MTP layer is window-only
 depends on its own position only), so after a prefill the MTP cache is seeded from the prompt's
 last window of trunk streams; tokens served from a prompt cache have no streams here, which can
 lower the first drafts' acceptance but never changes the output.
+
+A round synchronises once: the drafts stay lazy (each feeds the next MTP call and the verify input
+as an array), acceptance is computed for every position in the verify's graph, and one read-back
+returns the number accepted and the tokens. On the CPU the draft chain goes to the evaluator's
+worker (evaluator.py) and the verify is built while it runs; elsewhere mx.async_eval does the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from . import evaluator
 
 
 @dataclass
@@ -90,12 +98,19 @@ class Distribution:
             logprobs = f(logprobs)
         return mx.softmax(logprobs * (1.0 / self.temperature), axis=-1)
 
-    def draw(self, logprobs: mx.array) -> tuple[int, mx.array | None]:
-        """(token, the distribution it was drawn from; None when greedy)."""
+    def draw(self, logprobs: mx.array) -> tuple[mx.array, mx.array | None]:
+        """(token, the distribution it was drawn from; None when greedy), both lazy: reading the token
+        here would stall the draft chain on every draft."""
         if self.greedy:
-            return mx.argmax(logprobs, axis=-1).item(), None
+            return mx.argmax(logprobs, axis=-1).astype(mx.int32), None
         p = self.probs(logprobs)
-        return mx.random.categorical(mx.log(p)).item(), p
+        return mx.random.categorical(mx.log(p)).astype(mx.int32), p
+
+    def pick(self, rows: mx.array) -> mx.array:
+        """One token per row of what `judge` returns for rejections: argmax, or a draw from the row."""
+        if self.greedy:
+            return mx.argmax(rows, axis=-1).astype(mx.int32)
+        return mx.random.categorical(mx.log(rows)).astype(mx.int32)
 
 
 def processed_logprobs(logits: mx.array, processors: list[Callable], history: mx.array | None) -> mx.array:
@@ -106,31 +121,54 @@ def processed_logprobs(logits: mx.array, processors: list[Callable], history: mx
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def judge(dist: Distribution, lp: mx.array, d: int, q: mx.array | None) -> tuple[bool, int]:
-    """(accepted, token) for draft d drawn from q, against the target log-probabilities lp.
+def judge(dist: Distribution, lp: mx.array, d: mx.array, q: mx.array | None) -> tuple[mx.array, mx.array]:
+    """All positions at once, lazily: (accepted [k] bool, what a rejection draws from [k, V]) for drafts
+    d [k] drawn from q [k, V], against the target log-probabilities lp [k, V]; dist.pick draws from it.
 
-    Greedy: accepted iff d is the target's argmax, else the argmax. Sampling: accepted with
-    probability min(1, p(d) / q(d)), else a token from max(p - q, 0) renormalised (p itself if
-    that has no mass): the emitted token is then distributed exactly as p."""
+    Greedy: accepted iff d is the target's argmax, else the argmax (the rows are lp). Sampling:
+    accepted with probability min(1, p(d) / q(d)), else a token from max(p - q, 0) renormalised (p
+    itself if that has no mass): the emitted token is then distributed exactly as p. Every position
+    draws its uniform, whether or not an earlier one is rejected: the draws are independent, so the
+    first rejection still sees a fresh one."""
     if dist.greedy:
-        t = mx.argmax(lp).item()
-        return d == t, t
+        return d == mx.argmax(lp, axis=-1), lp
     p = dist.probs(lp)
-    if mx.random.uniform().item() * q[d].item() <= p[d].item():
-        return True, d
+    idx = d.reshape(-1, 1)
+    pd, qd = mx.take_along_axis(p, idx, axis=-1)[:, 0], mx.take_along_axis(q, idx, axis=-1)[:, 0]
+    ok = mx.random.uniform(shape=pd.shape) * qd <= pd
     resid = mx.maximum(p - q, 0.0)
-    mass = resid.sum().item()
-    return False, mx.random.categorical(mx.log(resid / mass if mass > 0 else p)).item()
+    mass = resid.sum(axis=-1, keepdims=True)
+    return ok, mx.where(mass > 0, resid / mx.maximum(mass, 1e-30), p)
+
+
+def settle(dist: Distribution, lp: mx.array, d: mx.array | None, q: mx.array | None) -> mx.array:
+    """The round's outcome as one small int32 array, [a, d_1..d_k, t]: a drafts accepted (the first
+    rejection decides), then the target's token at position a (the correction, or the bonus from the
+    last row of lp [k + 1, V] when all k were accepted). Lazy: the round reads it back once."""
+    k = lp.shape[0] - 1
+    if k == 0:
+        return mx.concatenate([mx.zeros(1, mx.int32), dist.draw(lp[0])[0].reshape(1)])
+    ok, rows = judge(dist, lp[:k], d, q)
+    a = mx.cumprod(ok.astype(mx.int32)).sum()
+    last = lp[k:] if dist.greedy else dist.probs(lp[k:])
+    t = dist.pick(mx.take(mx.concatenate([rows, last]), a, axis=0))
+    return mx.concatenate([a.reshape(1).astype(mx.int32), d, t.reshape(1)])
 
 
 class Speculator:
     """Drafts with the MTP layer, verifies with the trunk, rolls the caches back to what is kept.
 
     next_round() returns the emitted tokens of one round; the caller takes `used` of them (fewer
-    when a stop string, EOS or max_tokens ends the stream inside the round) and calls commit(used)."""
+    when a stop string, EOS or max_tokens ends the stream inside the round) and calls commit(used),
+    and close() at the end of the stream.
+
+    ahead=True (the default) evaluates on this thread's evaluator where there is one (the CPU): the
+    draft chain is submitted, the verify built while the worker runs it. Everything the worker
+    evaluates is built under its stream, commit's rollback included (evaluator.py: what is built on
+    a stream must be evaluated by its thread), and what it reads from this thread is evaluated first."""
 
     def __init__(self, model, cache: list, k: int, dist: Distribution, processors: list[Callable],
-                 history: mx.array | None, pending: tuple[mx.array, list[int]] | None):
+                 history: mx.array | None, pending: tuple[mx.array, list[int]] | None, ahead: bool = True):
         self.model, self.cache, self.k, self.dist = model, cache, k, dist
         self.processors, self.history = processors, history
         self.mtp_cache = model.make_mtp_cache()
@@ -140,17 +178,34 @@ class Speculator:
         if pending:
             self.mtp_cache[0].offset = cache[0].offset - len(self.pending_t)
         self._round = None
+        self._ev = evaluator.for_this_thread() if ahead and not model.evaluates_inside else None
+        if self._ev is not None:
+            mx.eval(model.parameters(), [c.state for c in cache], history, self.pending_h,
+                    evaluator.random_state())
 
-    def _process(self, logits: mx.array, extra: list[int]) -> mx.array:
+    def _here(self):
+        """Where the round's graphs are built: the worker's stream, if it evaluates them."""
+        return mx.stream(self._ev.stream) if self._ev is not None else contextlib.nullcontext()
+
+    def _launch(self, *arrays) -> None:
+        """Start evaluating `arrays`; returns at once. The random key goes too: sampling splits it on
+        the worker's stream, so only the worker may evaluate it."""
+        if self._ev is not None:
+            self._ev.submit(*arrays, evaluator.random_state())
+        else:
+            mx.async_eval(*arrays)
+
+    def _process(self, logits: mx.array, extra: list[mx.array]) -> mx.array:
         """Processors see the history (up to the newest emitted token) plus the drafts before this row."""
         hist = self.history
         if self.processors and extra:
-            hist = mx.concatenate([hist, mx.array(extra, dtype=hist.dtype)])
+            hist = mx.concatenate([hist, *(d.astype(hist.dtype) for d in extra)])
         return processed_logprobs(logits, self.processors, hist)
 
-    def _draft(self, k: int) -> tuple[list[int], list, tuple]:
-        """k drafts, the distributions they were drawn from, and the MTP cache checkpoint taken
-        after the verified pairs went in (the recursive rows after it are dropped at commit)."""
+    def _draft(self, k: int) -> tuple[mx.array, mx.array | None, tuple]:
+        """k lazy drafts [k], the distributions they were drawn from [k, V] (None when greedy), and the
+        MTP cache checkpoint taken after the verified pairs went in (the recursive rows after it are
+        dropped at commit)."""
         m = self.model
         X = m.mtp_streams(self.pending_h, mx.array(self.pending_t)[None], self.mtp_cache)
         mtp_ck = self.mtp_cache[0].checkpoint()
@@ -158,58 +213,76 @@ class Speculator:
         for j in range(k):
             logits = m.logits(m.mtp[0].collapse(X[:, -1:]))[0, -1]
             d, q = self.dist.draw(self._process(logits[None], drafts)[0])
-            drafts.append(d)
+            drafts.append(d.reshape(1))
             qs.append(q)
             if j + 1 < k:
-                X = m.mtp_streams(X[:, -1:], mx.array([[d]]), self.mtp_cache)
-        return drafts, qs, mtp_ck
+                X = m.mtp_streams(X[:, -1:], d.reshape(1, 1), self.mtp_cache)
+        return mx.concatenate(drafts), None if self.dist.greedy else mx.stack(qs), mtp_ck
+
+    def _target(self, logits: mx.array, drafts: mx.array | None) -> mx.array:
+        """Target log-probabilities [k + 1, V] of the verify's rows; row j's processors see drafts[:j]."""
+        if not self.processors:
+            return processed_logprobs(logits, [], None)
+        rows = [self._process(logits[j : j + 1], [drafts[:j]] if j else []) for j in range(logits.shape[0])]
+        return mx.concatenate(rows)
 
     def next_round(self, last: int, budget: int) -> list[Emitted]:
         """One round after feeding `last` (the newest emitted token); at most `budget` tokens."""
         m = self.model
         k = min(self.k, budget - 1) if self.pending_t else 0
-        drafts, qs, mtp_ck = self._draft(k) if k > 0 else ([], [], None)
-        ck = [c.checkpoint() for c in self.cache]
-        H = m.hidden_streams(mx.array([[last] + drafts]), self.cache)
-        logits = m.logits(m.collapse(H))[0]
-        out, a = [], 0
-        for j in range(k + 1):
-            lp = self._process(logits[j : j + 1], drafts[:j])[0]
-            if j == k:
-                t, _ = self.dist.draw(lp)  # every draft accepted: the bonus token
-            else:
-                ok, t = judge(self.dist, lp, drafts[j], qs[j])
-                if ok:
-                    out.append(Emitted(t, lp, True))
-                    a += 1
-                    continue
-            out.append(Emitted(t, lp, False))
-            break
+        drafts = qs = mtp_ck = None
+        if k > 0:
+            with self._here():
+                drafts, qs, mtp_ck = self._draft(k)
+                self._launch(drafts, qs, self.mtp_cache[0].live)
+        with self._here():
+            ck = [c.checkpoint() for c in self.cache]
+            fed = mx.array([last], mx.int32)
+            H = m.hidden_streams((fed if drafts is None else mx.concatenate([fed, drafts]))[None], self.cache)
+            lp = self._target(m.logits(m.collapse(H))[0], drafts)
+            outcome = settle(self.dist, lp, drafts, qs)
+            rows = [lp[j] for j in range(k + 1)]  # the caller reads these: evaluated with the round
+            # the cache goes in with the commit, after its rollback: what of it the outcome does not
+            # read then runs while this thread builds the next round
+            self._launch(outcome, rows, H)
+        if self._ev is not None:
+            self._ev.wait()
+        a, *tokens = outcome.tolist()  # the round's one read-back
+        tokens = tokens[:a] + tokens[-1:]
+        out = [Emitted(t, rows[j], j < a) for j, t in enumerate(tokens)]
         self._round = (ck, mtp_ck, k, a, H, out)
         return out
 
     def commit(self, used: int) -> None:
         """Keep the first `used` emitted tokens of the round: the trunk keeps `last` and the first
-        used - 1 of them (the newest emitted token is never fed), the MTP cache its true rows."""
+        used - 1 of them (the newest emitted token is never fed), the MTP cache its true rows.
+        Submitted, not waited for: the next round's graphs queue behind it."""
         ck, mtp_ck, k, a, H, out = self._round
         self._round = None
         if not 1 <= used <= len(out):
             raise ValueError(f"commit of {used} tokens from a round of {len(out)}")
-        for c, s in zip(self.cache, ck):
-            c.rollback(s, used)
-        if k > 0:
-            self.mtp_cache[0].rollback(mtp_ck, 0)
-            self.pending_h, self.pending_t = H[:, :used], [e.token for e in out[:used]]
-        else:  # no draft call took the pending pairs: append to them
-            h = H[:, :used]
-            if self.pending_h is None:
-                self.mtp_cache[0].offset = ck[0][0]  # the MTP rows start where the trunk's streams do
-            self.pending_h = h if self.pending_h is None else mx.concatenate([self.pending_h, h], axis=1)
-            self.pending_t += [e.token for e in out[:used]]
-        if self.history is not None:
-            self.history = mx.concatenate([self.history, mx.array([e.token for e in out[:used]], self.history.dtype)])
+        kept = [e.token for e in out[:used]]
+        with self._here():
+            for c, s in zip(self.cache, ck):
+                c.rollback(s, used)
+            if k > 0:
+                self.mtp_cache[0].rollback(mtp_ck, 0)
+                self.pending_h, self.pending_t = H[:, :used], kept
+            else:  # no draft call took the pending pairs: append to them
+                h = H[:, :used]
+                if self.pending_h is None:
+                    self.mtp_cache[0].offset = ck[0][0]  # the MTP rows start where the trunk's streams do
+                self.pending_h = h if self.pending_h is None else mx.concatenate([self.pending_h, h], axis=1)
+                self.pending_t += kept
+            if self.history is not None:
+                self.history = mx.concatenate([self.history, mx.array(kept, self.history.dtype)])
+            self._launch(self.pending_h, [c.live for c in self.cache], self.mtp_cache[0].live, self.history)
         self.stats.record(k, a, used)
-        mx.eval(self.pending_h, [c.state for c in self.cache], self.mtp_cache[0].state)
+
+    def close(self) -> None:
+        """End of stream: the last commit evaluated, so the caches can be read from this thread."""
+        if self._ev is not None:
+            self._ev.wait()
 
 
 def prefill_with_streams(model, tokens: list[int], cache: list, step: int, keep: int,

@@ -105,6 +105,24 @@ def test_a_sampled_generation_leaves_the_random_state_usable_here():
     mx.eval(mx.random.normal((2,)))
 
 
+def test_unseeded_sampling_and_the_global_key(monkeypatch):
+    """Without a seed the sampler splits mx.random's global key itself: a key left lazy on this thread
+    must be evaluated here before the worker splits it, and the worker must evaluate what it split."""
+    model, tok = load("tiny-random")
+    for _ in range(2):
+        mx.random.normal((1,))  # the key is now lazy on this thread's stream
+        generate(model, tok, "Once upon a time", max_tokens=5, temperature=0.9)
+        mx.eval(mx.random.normal((2,)))
+    # negative control: mx.eval passes over the state object itself (MLX 0.32), so handing over
+    # mx.random.state as it is leaves the key lazy on one thread's stream or the other
+    monkeypatch.setattr(evaluator, "random_state", lambda: mx.random.state)
+    with pytest.raises(RuntimeError, match="Stream"):
+        mx.random.normal((1,))
+        generate(model, tok, "Once upon a time", max_tokens=5, temperature=0.9)
+        mx.eval(mx.random.normal((2,)))
+    mx.random.seed(0)  # a usable key for the tests after this one
+
+
 def test_lazy_weights_and_a_one_token_prompt():
     """Freshly loaded weights are lazy graphs of the loading thread; a one-token prompt has no prefill
     to materialise them before the first step goes to the worker."""

@@ -6,14 +6,17 @@ plain greedy continuation with some positions corrupted, so every acceptance len
 occurs and the rollback is exercised at every offset, across CSA (4) and HCA (128) windows.
 """
 
+import collections
+import threading
+
 import numpy as np
 import pytest
 import mlx.core as mx
 
-from mlx_dsv4 import speculative
+from mlx_dsv4 import evaluator, speculative
 from mlx_dsv4.cache import CompressorState, LayerCache
 from mlx_dsv4.generate import stream_generate
-from mlx_dsv4.speculative import Distribution, Speculator, judge
+from mlx_dsv4.speculative import Distribution, Speculator, judge, settle
 from mlx_dsv4.tokenizer import load_tokenizer
 from tinymodels import mlx_model
 
@@ -49,7 +52,7 @@ def oracle(monkeypatch, ref, seed=0, p_bad=0.3):
         n = self.stats.emitted
         d = [t if rng.random() > p_bad else (t + 1) % 129280 for t in ref[n : n + k]]
         d += [7] * (k - len(d))
-        return d, [None] * k, mtp_ck
+        return mx.array(d, mx.int32), None, mtp_ck
 
     monkeypatch.setattr(Speculator, "_draft", draft)
 
@@ -189,6 +192,129 @@ def test_bad_arguments(models, tok):
         model.mtp = saved
 
 
+# ---- one host synchronisation per round ----------------------------------------------------
+
+READS = ("item", "tolist", "__bool__", "__int__", "__float__")
+
+
+def count_syncs(model, tok, monkeypatch, **kw):
+    """Host synchronisations made inside Speculator.next_round and commit, on this thread (the worker's
+    own mx.eval is not one), and the number of rounds. Reads are every way an array reaches Python."""
+    calls, inside = collections.Counter(), [False]
+
+    def counted(name, f):
+        def g(*a, **k):
+            if inside[0] and threading.current_thread() is threading.main_thread():
+                calls[name] += 1
+            return f(*a, **k)
+        return g
+
+    def in_round(name, f):
+        def g(*a, **k):
+            calls[name] += 1
+            inside[0] = True
+            try:
+                return f(*a, **k)
+            finally:
+                inside[0] = False
+        return g
+
+    for name in READS:
+        monkeypatch.setattr(mx.array, name, counted(name, getattr(mx.array, name)))
+    monkeypatch.setattr(mx, "eval", counted("eval", mx.eval))
+    monkeypatch.setattr(mx, "async_eval", counted("async_eval", mx.async_eval))
+    monkeypatch.setattr(evaluator.Evaluator, "submit", counted("submit", evaluator.Evaluator.submit))
+    monkeypatch.setattr(evaluator.Evaluator, "wait", counted("wait", evaluator.Evaluator.wait))
+    monkeypatch.setattr(Speculator, "next_round", in_round("rounds", Speculator.next_round))
+    monkeypatch.setattr(Speculator, "commit", in_round("commits", Speculator.commit))
+    draft = Speculator._draft
+    monkeypatch.setattr(Speculator, "_draft", lambda self, k: calls.update(["drafted"]) or draft(self, k))
+    rs, _ = spec(model, tok, 3, n=12, **kw)
+    calls["reads"] = sum(calls.pop(name, 0) for name in READS)
+    return dict(calls), rs
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_one_read_back_per_round(models, tok, monkeypatch, sampled):
+    """Per round: one read-back (the outcome) and one wait. With the worker: a submission of the verify
+    and one of the commit, one more of the drafts if the round drafts (the last round of a stream may
+    have room for no draft), and no evaluation here; without it: the same as mx.async_eval."""
+    model = models[("flash", False)]
+    kw = dict(temperature=0.8, top_k=50, seed=4) if sampled else {}
+    c, _ = count_syncs(model, tok, monkeypatch, **kw)
+    r, dr = c["rounds"], c["drafted"]
+    assert r >= 4 and dr >= r - 1
+    assert c == {"rounds": r, "commits": r, "drafted": dr, "reads": r, "wait": r, "submit": 2 * r + dr}, c
+    monkeypatch.setattr(evaluator, "_enabled", False)
+    c, _ = count_syncs(model, tok, monkeypatch, **kw)
+    r, dr = c["rounds"], c["drafted"]
+    assert c == {"rounds": r, "commits": r, "drafted": dr, "reads": r, "async_eval": 2 * r + dr}, c
+
+
+def test_a_read_inside_the_draft_chain_is_counted(models, tok, monkeypatch):
+    """Negative control: drafts read back one by one (as Distribution.draw did with .item()) add K
+    reads per round; on the worker's stream the read fails outright (only the worker may evaluate)."""
+    model = models[("flash", False)]
+    draw = Distribution.draw
+
+    def read_each(self, lp):
+        d, q = draw(self, lp)
+        return mx.array(d.item(), mx.int32), q
+
+    monkeypatch.setattr(Distribution, "draw", read_each)
+    monkeypatch.setattr(evaluator, "_enabled", False)
+    c, _ = count_syncs(model, tok, monkeypatch)
+    r = c["rounds"]
+    assert c["reads"] > r  # the drafts of every round with K > 0, and the k = 0 round's token
+    monkeypatch.setattr(evaluator, "_enabled", True)
+    with pytest.raises(RuntimeError, match="Stream"):
+        spec(model, tok, 3, n=4)
+
+
+def test_with_and_without_the_worker(models, tok, monkeypatch):
+    """The same graphs either way: greedy tokens as plain decoding, seeded sampling the same tokens; the
+    random key the worker split is usable here afterwards."""
+    model = models[("pro", False)]
+    ref, ref_cache = plain(model, tok, n=10)
+    kw = dict(temperature=0.9, top_p=0.95, seed=11, repetition_penalty=1.2)
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(evaluator, "_enabled", on)
+        rs, cache = spec(model, tok, 2, n=10)
+        assert [r.token for r in rs] == [r.token for r in ref]
+        assert_caches_equal(cache, ref_cache, 1e-4)
+        runs.append([r.token for r in spec(model, tok, 3, n=10, **kw)[0]])
+        mx.eval(mx.random.normal((2,)))
+    assert runs[0] == runs[1]
+
+
+def test_settle_takes_the_first_rejection():
+    """The round's outcome [a, drafts, token]: acceptance stops at the first rejection even when a later
+    draft matches; the token is the correction there, or the bonus when every draft was accepted."""
+    greedy = Distribution(0.0, 1.0, 0.0, 0)
+    lp = mx.log(mx.array(np.eye(V)[[2, 4, 1, 5]] * 0.9 + 0.1 / V, mx.float32))  # argmax 2, 4, 1, 5
+    for d, want in (([2, 0, 1], [1, 2, 0, 1, 4]), ([3, 4, 1], [0, 3, 4, 1, 2]), ([2, 4, 1], [3, 2, 4, 1, 5])):
+        assert settle(greedy, lp, mx.array(d, mx.int32), None).tolist() == want
+    assert settle(greedy, lp[:1], None, None).tolist() == [0, 2]
+    # sampling: q = p accepts for sure; a draft p gives no mass to is rejected, its correction drawn
+    # from max(p - q, 0) (here p itself, as q is that draft's point mass)
+    dist = Distribution(1.0, 1.0, 0.0, 0)
+    p0 = np.full(V, 1 / V)
+    p1 = np.array([0.0, 0.0, 0.5, 0.0, 0.5, 0.0])
+    bonus = np.eye(V)[3] * 0.999 + 0.001 / V
+    lp = mx.log(mx.array(np.stack([p0, p1, bonus]), mx.float32))
+    mx.random.seed(0)
+    seen = set()
+    for _ in range(20):
+        a, d0, d1, t = settle(dist, lp, mx.array([5, 1], mx.int32), mx.array(np.stack([p0, np.eye(V)[1]]),
+                                                                               mx.float32)).tolist()
+        assert (a, d0, d1) == (1, 5, 1) and t in (2, 4)
+        seen.add(t)
+    assert seen == {2, 4}
+    q = mx.array(np.stack([p0, p1]), mx.float32)
+    assert settle(dist, lp, mx.array([0, 2], mx.int32), q).tolist()[0] == 2
+
+
 # ---- the sampling rule, on a small vocabulary -------------------------------------------------
 
 V = 6
@@ -196,15 +322,20 @@ TARGET = np.log(np.array([0.30, 0.05, 0.25, 0.10, 0.20, 0.10]))
 DRAFT = np.log(np.array([0.05, 0.40, 0.15, 0.20, 0.10, 0.10]))
 
 
+def judged(dist, lp, d, q):
+    """The token each position emits on its own: the draft if accepted, else a draw of the correction."""
+    ok, rows = judge(dist, lp, d, q)
+    return mx.where(ok, d, dist.pick(rows))
+
+
 def emitted_counts(dist, rule, draws=8000, seed=0):
+    """All draws judged at once (judge works on every position of a round in one graph)."""
     mx.random.seed(seed)
-    lp, dlp = mx.array(TARGET, mx.float32), mx.array(DRAFT, mx.float32)
-    q = dist.probs(dlp)
-    ds = mx.random.categorical(mx.log(q), num_samples=draws).tolist()
-    counts = np.zeros(V)
-    for d in ds:
-        counts[rule(dist, lp, d, q)[1]] += 1
-    return counts, np.array(dist.probs(lp))
+    lp = mx.broadcast_to(mx.array(TARGET, mx.float32), (draws, V))
+    q = mx.broadcast_to(dist.probs(mx.array(DRAFT, mx.float32)), (draws, V))
+    ds = mx.random.categorical(mx.log(q[0]), num_samples=draws).astype(mx.int32)
+    counts = np.bincount(np.array(rule(dist, lp, ds, q)), minlength=V).astype(float)
+    return counts, np.array(dist.probs(lp[0]))
 
 
 def chi2_pvalue(counts, p):
@@ -220,10 +351,10 @@ def chi2_pvalue(counts, p):
 @pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 1.0, 0), (1.0, 0.8, 0), (1.3, 1.0, 4)])
 def test_rejection_sampling_emits_the_target_distribution(temperature, top_p, top_k):
     dist = Distribution(temperature, top_p, 0.0, top_k)
-    counts, p = emitted_counts(dist, judge)
+    counts, p = emitted_counts(dist, judged)
     assert chi2_pvalue(counts, p) > 1e-3
     # negative control: accepting every draft emits the draft's distribution instead
-    bad, _ = emitted_counts(dist, lambda dist, lp, d, q: (True, d), draws=3000)
+    bad, _ = emitted_counts(dist, lambda dist, lp, d, q: d, draws=3000)
     assert chi2_pvalue(bad, p) < 1e-6
 
 
