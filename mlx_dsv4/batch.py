@@ -258,12 +258,12 @@ class BatchGenerator:
         ev, new = self._ev, [r for r, t in feed if isinstance(t, int)]
         if ev is not None and new:  # the worker cannot evaluate lazy graphs made on this thread's stream
             mx.eval([] if self._warm else self.model.parameters(), [[c.live for c in r.plan.cache] for r in new],
-                    [r.history for r in new], mx.random.state)
+                    [r.history for r in new], evaluator.random_state())
             self._warm = True
         with mx.stream(ev.stream) if ev is not None else contextlib.nullcontext():
             picks, arrays = self._build(feed)
         if ev is not None:
-            ev.submit(arrays, mx.random.state)
+            ev.submit(arrays, evaluator.random_state())
         else:
             mx.async_eval(arrays)
             self._submitted = arrays

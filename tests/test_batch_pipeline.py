@@ -12,6 +12,7 @@ whose undo went wrong is a whole token off (the negative control).
 
 import collections
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from sync_count import count_syncs
@@ -143,3 +144,15 @@ def test_one_submission_and_no_evaluation_per_steady_step(tiny, monkeypatch):
         for _ in range(10):
             assert len(g.step()) == b
         assert dict(calls) == {"submit": 10, "item": 20 * b}, b
+
+
+def test_unseeded_sampling_rows_and_the_global_key(tiny):
+    """Rows sampling from the global generator: its key goes to the worker evaluated and comes back
+    evaluated, so the rows decode and a later draw on this thread works (a key left lazy on either
+    thread's stream fails with 'no Stream(cpu, N) in current thread')."""
+    model, tok = tiny
+    mx.random.uniform()  # the global key lazy on this thread's stream, as any earlier draw leaves it
+    ps = prompts([4, 9], seed=3)
+    got, _ = run(model, tok, True, [(p, {}) for p in ps], max_tokens=6, temperature=1.0)
+    assert [sum(r.token is not None for r in rs) for rs in got] == [6, 6]
+    assert 0 <= mx.random.uniform().item() < 1
