@@ -6,8 +6,9 @@ row leaves behind (the cache contract: prompt plus generated tokens but the last
 Where the two build the same steps (every row joins at once, rows end on max_tokens only), both evaluate
 the same graphs in the same order: responses and caches agree exactly. Elsewhere a row joining while a step
 is in flight enters one step later, and a row that ends on a stop string or a cancel was fed one step more
-(then undone), so steps of the other rows have another batch size: BLAS sums the [B, d] projections in another order, ~1e-6 relative, which TOL covers while a row
-whose undo went wrong is a whole token off (the negative control).
+(then undone), so steps of the other rows have another batch size: BLAS sums the [B, d] projections in
+another order, ~1e-6 relative, which TOL covers while a row whose undo went wrong is a whole token off
+(the negative control).
 """
 
 import collections
