@@ -257,8 +257,10 @@ class BatchGenerator:
             self._ev = evaluator.for_this_thread()
         ev, new = self._ev, [r for r, t in feed if isinstance(t, int)]
         if ev is not None and new:  # the worker cannot evaluate lazy graphs made on this thread's stream
-            mx.eval([] if self._warm else self.model.parameters(), [[c.live for c in r.plan.cache] for r in new],
-                    [r.history for r in new], evaluator.random_state())
+            # the global random key too, but only before the first submission: from then on the worker
+            # owns it (split on its stream by the steps in flight), and this thread may not evaluate it
+            first = [] if self._warm else [self.model.parameters(), evaluator.random_state()]
+            mx.eval(first, [[c.live for c in r.plan.cache] for r in new], [r.history for r in new])
             self._warm = True
         with mx.stream(ev.stream) if ev is not None else contextlib.nullcontext():
             picks, arrays = self._build(feed)
@@ -302,9 +304,12 @@ class BatchGenerator:
         mx.eval([c.live for c in row.plan.cache], row.history)
 
     def _drain(self) -> None:
-        """After a failed step: nothing stays in flight (the thread's evaluator outlives this generator)."""
+        """After a failed step: nothing stays in flight (the thread's evaluator outlives this generator),
+        and the random key, which a step built but never submitted may have split, is evaluated."""
         self._flight = {}
         try:
+            if self._ev is not None:
+                self._ev.submit(evaluator.random_state())
             self._settle()
         except Exception:  # noqa: BLE001 - the step's own error is already on its way up
             pass

@@ -12,6 +12,8 @@ another order, ~1e-6 relative, which TOL covers while a row whose undo went wron
 """
 
 import collections
+import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -147,13 +149,18 @@ def test_one_submission_and_no_evaluation_per_steady_step(tiny, monkeypatch):
         assert dict(calls) == {"submit": 10, "item": 20 * b}, b
 
 
-def test_unseeded_sampling_rows_and_the_global_key(tiny):
+def test_unseeded_sampling_rows_and_the_global_key(tiny, monkeypatch):
     """Rows sampling from the global generator: its key goes to the worker evaluated and comes back
     evaluated, so the rows decode and a later draw on this thread works (a key left lazy on either
-    thread's stream fails with 'no Stream(cpu, N) in current thread')."""
+    thread's stream fails with 'no Stream(cpu, N) in current thread'). A row joining while a step is in
+    flight finds the key lazy on the worker's stream: it must not be evaluated here then (the worker is
+    slowed down so that the step is surely still in flight)."""
     model, tok = tiny
+    slow, worker_eval = threading.current_thread, mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a: (slow().name == "mlx-dsv4-eval" and time.sleep(0.2), worker_eval(*a)))
     mx.random.uniform()  # the global key lazy on this thread's stream, as any earlier draw leaves it
-    ps = prompts([4, 9], seed=3)
-    got, _ = run(model, tok, True, [(p, {}) for p in ps], max_tokens=6, temperature=1.0)
-    assert [sum(r.token is not None for r in rs) for rs in got] == [6, 6]
+    ps = prompts([4, 9, 5], seed=3)
+    got, _ = run(model, tok, True, [(p, {}) for p in ps[:2]], joins={3: [(ps[2], {})]}, max_tokens=6,
+                 temperature=1.0)
+    assert [sum(r.token is not None for r in rs) for rs in got] == [6, 6, 6]
     assert 0 <= mx.random.uniform().item() < 1
