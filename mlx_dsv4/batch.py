@@ -146,7 +146,6 @@ class BatchGenerator:
         self.ahead = (_generate.PIPELINE if ahead is None else ahead) and not model.evaluates_inside
         self._flight: dict[Row, tuple] = {}  # the step in flight: row -> (token [1], logprobs [V], checkpoints)
         self._ev = self._submitted = None
-        self._warm = False  # model parameters evaluated on this thread (the worker cannot evaluate them)
 
     def insert(self, prompt, should_stop: Callable[[], bool] | None = None, **kwargs) -> int:
         if kwargs.get("num_draft_tokens"):
@@ -257,11 +256,7 @@ class BatchGenerator:
             self._ev = evaluator.for_this_thread()
         ev, new = self._ev, [r for r, t in feed if isinstance(t, int)]
         if ev is not None and new:  # the worker cannot evaluate lazy graphs made on this thread's stream
-            # the global random key too, but only before the first submission: from then on the worker
-            # owns it (split on its stream by the steps in flight), and this thread may not evaluate it
-            first = [] if self._warm else [self.model.parameters(), evaluator.random_state()]
-            mx.eval(first, [[c.live for c in r.plan.cache] for r in new], [r.history for r in new])
-            self._warm = True
+            ev.adopt(self.model.parameters(), [[c.live for c in r.plan.cache] for r in new], [r.history for r in new])
         with mx.stream(ev.stream) if ev is not None else contextlib.nullcontext():
             picks, arrays = self._build(feed)
         if ev is not None:

@@ -41,6 +41,14 @@ class Evaluator:
         self._todo.put(arrays)
         self._pending += 1
 
+    def adopt(self, *arrays) -> None:
+        """Make `arrays` (lazy on this thread's stream: weights, caches, history) usable by the worker by
+        evaluating them here, with the global random key, once the worker is idle: work in flight (another
+        stream decoding on this thread) may have split the key on the worker's stream, and only the worker
+        may evaluate that; once it has, this thread may read it."""
+        self.wait()
+        mx.eval(*arrays, random_state())
+
     def wait(self, keep: int = 0) -> None:
         """Until at most `keep` of the latest submissions are unfinished; raises the first error."""
         error = None

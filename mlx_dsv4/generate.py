@@ -221,7 +221,7 @@ class PlainDecoder:
         self.ahead = PIPELINE if ahead is None else ahead
         self._ev = evaluator.for_this_thread() if self.ahead and not model.evaluates_inside else None
         if self._ev is not None:  # what the worker evaluates may not reach back into this thread's lazy graphs
-            mx.eval(model.parameters(), [c.state for c in cache], history, evaluator.random_state())
+            self._ev.adopt(model.parameters(), [c.state for c in cache], history)
         self.stats = None
         self._next = None  # (token, logprobs, cache checkpoints) of the step submitted ahead
 

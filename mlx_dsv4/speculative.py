@@ -180,8 +180,7 @@ class Speculator:
         self._round = None
         self._ev = evaluator.for_this_thread() if ahead and not model.evaluates_inside else None
         if self._ev is not None:
-            mx.eval(model.parameters(), [c.state for c in cache], history, self.pending_h,
-                    evaluator.random_state())
+            self._ev.adopt(model.parameters(), [c.state for c in cache], history, self.pending_h)
 
     def _here(self):
         """Where the round's graphs are built: the worker's stream, if it evaluates them."""

@@ -6,6 +6,8 @@ import collections
 import importlib
 import re
 import tempfile
+import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -119,3 +121,19 @@ def test_one_submission_and_no_blocking_evaluation_per_token(tiny, monkeypatch):
         seen.append(dict(calls))
     extra = {k: seen[1].get(k, 0) - seen[0].get(k, 0) for k in ("eval", "async_eval", "submit", "item")}
     assert extra == {"eval": 0, "async_eval": 0, "submit": 10, "item": 20}
+
+
+def test_interleaved_streams_sampling_from_the_global_key(tiny, monkeypatch):
+    """Two unseeded sampled streams read in turn on one thread: the second starts while the first has a
+    step in flight, which split the global key on the worker's stream. The second stream's start waits
+    for the worker before it evaluates the key here (the worker is slowed so that the step is surely in
+    flight; evaluating the key at once fails with 'no Stream(cpu, N) in current thread')."""
+    model, tok = tiny
+    slow, worker_eval = threading.current_thread, mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a: (slow().name == "mlx-dsv4-eval" and time.sleep(0.2), worker_eval(*a)))
+    one = stream_generate(model, tok, PROMPT, max_tokens=5, temperature=1.0)
+    got = {1: [next(one)], 2: []}
+    for r in stream_generate(model, tok, PROMPT + " Now.", max_tokens=5, temperature=1.0):
+        got[2].append(r)
+        got[1] += [r for r in [next(one, None)] if r is not None]
+    assert [[r.token is not None for r in rs] for rs in got.values()] == [[True] * 5] * 2
