@@ -260,7 +260,7 @@ class BatchGenerator:
         with mx.stream(ev.stream) if ev is not None else contextlib.nullcontext():
             picks, arrays = self._build(feed)
         if ev is not None:
-            ev.submit(arrays, evaluator.random_state())
+            ev.submit(arrays)
         else:
             mx.async_eval(arrays)
             self._submitted = arrays
@@ -304,7 +304,7 @@ class BatchGenerator:
         self._flight = {}
         try:
             if self._ev is not None:
-                self._ev.submit(evaluator.random_state())
+                self._ev.submit()
             self._settle()
         except Exception:  # noqa: BLE001 - the step's own error is already on its way up
             pass

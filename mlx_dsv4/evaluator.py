@@ -9,8 +9,8 @@ submitted; mx.eval lets go of the GIL while it waits, so the submitting thread b
 MLX streams belong to the thread that made them: a graph for the worker is built under
 `with mx.stream(ev.stream)`, and everything built there must be evaluated by the worker (evaluated
 arrays can be read, and used as inputs, from any thread). Global lazy state built there goes in
-too: the random key that a sampler splits (`random_state()`), and the key must be evaluated before
-the worker first splits it (it may be lazy on the caller's stream).
+too: the random key that a sampler splits, which every submission hands over (`random_state()`). So a
+decoder calls `adopt` before its first submission: the key may be lazy on the caller's stream.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class Evaluator:
         weakref.finalize(self, _stop, self._todo, worker).atexit = False
 
     def submit(self, *arrays) -> None:
-        """Evaluate `arrays` (built on self.stream) after what was submitted before; returns at once."""
-        self._todo.put(arrays)
+        """Evaluate `arrays` (built on self.stream) after what was submitted before; returns at once. The
+        global random key goes too: a sampler built there may have split it on the worker's stream."""
+        self._todo.put((arrays, random_state()))
         self._pending += 1
 
     def adopt(self, *arrays) -> None:

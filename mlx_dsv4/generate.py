@@ -239,7 +239,7 @@ class PlainDecoder:
         # up to `ratio` steps, holding every intermediate activation alive
         states = [c.state for c in self.cache]
         if self._ev is not None:
-            self._ev.submit(y, lp, states, evaluator.random_state())
+            self._ev.submit(y, lp, states)
         else:
             (mx.async_eval if self.ahead else mx.eval)(y, lp, states)
         return y, lp

@@ -187,10 +187,9 @@ class Speculator:
         return mx.stream(self._ev.stream) if self._ev is not None else contextlib.nullcontext()
 
     def _launch(self, *arrays) -> None:
-        """Start evaluating `arrays`; returns at once. The random key goes too: sampling splits it on
-        the worker's stream, so only the worker may evaluate it."""
+        """Start evaluating `arrays` (with the random key: Evaluator.submit); returns at once."""
         if self._ev is not None:
-            self._ev.submit(*arrays, evaluator.random_state())
+            self._ev.submit(*arrays)
         else:
             mx.async_eval(*arrays)
 

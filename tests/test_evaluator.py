@@ -23,13 +23,20 @@ def _chain(x: mx.array, n: int) -> mx.array:
     return x
 
 
+def _submit_chain(ev: evaluator.Evaluator, size: int, n: int, seed: int) -> tuple[mx.array, mx.array]:
+    """(a [size, size], `n` links of _chain from it, submitted to the worker). adopt first, as a decoder
+    does: every submission hands over the global key, which earlier tests may have left lazy here."""
+    a = mx.random.normal((size, size), key=mx.random.key(seed))
+    ev.adopt(a)
+    with mx.stream(ev.stream):
+        out = _chain(a, n)
+    ev.submit(out)
+    return a, out
+
+
 def test_values_equal_evaluation_on_this_thread():
     ev = evaluator.Evaluator()
-    a = mx.random.normal((64, 64), key=mx.random.key(1))
-    mx.eval(a)
-    with mx.stream(ev.stream):
-        there = _chain(a, 20)
-    ev.submit(there)
+    a, there = _submit_chain(ev, 64, 20, 1)
     ev.wait()
     assert np.array_equal(np.array(there), np.array(_chain(a, 20)))
 
@@ -37,11 +44,7 @@ def test_values_equal_evaluation_on_this_thread():
 def test_the_host_builds_while_the_worker_evaluates():
     """Seconds of matmuls submitted; building a small graph meanwhile returns long before they end."""
     ev = evaluator.Evaluator()
-    a = mx.random.normal((384, 384), key=mx.random.key(2))
-    mx.eval(a)
-    with mx.stream(ev.stream):
-        long = _chain(a, 400)
-    ev.submit(long)
+    a, long = _submit_chain(ev, 384, 400, 2)
     with mx.stream(ev.stream):
         short = _chain(a[:8, :8], 50)  # built while the worker is busy: nothing here waits for it
     assert ev._done.empty(), "the worker finished before the host built 50 small ops"
@@ -50,8 +53,29 @@ def test_the_host_builds_while_the_worker_evaluates():
     assert np.array_equal(np.array(short), np.array(_chain(a[:8, :8], 50)))
 
 
+def test_a_submission_hands_the_random_key_over(monkeypatch):
+    """A draw built for the worker splits the global key on the worker's stream: the submission must take
+    the key along, or the next draw on this thread fails ("no Stream ... in current thread")."""
+    ev = evaluator.Evaluator()
+    for hand_over in (True, False):  # False: the negative control
+        if not hand_over:
+            monkeypatch.setattr(evaluator, "random_state", lambda: [])
+        mx.eval(list(mx.random.state))  # what adopt does: the worker may split it now
+        with mx.stream(ev.stream):
+            x = mx.random.normal((2,))
+        ev.submit(x)
+        ev.wait()
+        if hand_over:
+            mx.eval(mx.random.normal((2,)))
+        else:
+            with pytest.raises(RuntimeError, match="Stream"):
+                mx.eval(mx.random.normal((2,)))
+    mx.random.seed(0)  # the key is lazy across both streams now: later tests get a fresh one
+
+
 def test_an_error_reaches_the_waiting_thread_and_the_worker_lives_on():
     ev = evaluator.Evaluator()
+    ev.adopt()
     foreign = mx.ones((3,)) + 1  # lazy on this thread's stream: the worker may not evaluate it
     with mx.stream(ev.stream):
         bad = foreign * 2
@@ -68,6 +92,7 @@ def test_an_error_reaches_the_waiting_thread_and_the_worker_lives_on():
 def _use_and_end_a_thread():
     def use():
         ev = evaluator.for_this_thread()
+        ev.adopt()
         with mx.stream(ev.stream):
             x = mx.arange(3) + 1
         ev.submit(x)
