@@ -176,3 +176,23 @@ def test_python_m_and_the_package_exports():
             "assert mlx_dsv4.load.__name__ == 'load' and mlx_dsv4.stream_generate is sg\n"
             "assert mlx_dsv4.encode_messages.__name__ == 'encode_messages' and mlx_dsv4.parse_completion\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_unseeded_sampling(tiny, monkeypatch):
+    """`--temp` without `--seed` draws from mx.random's global key, which the decode worker splits: it
+    crashed once ("There is no Stream(cpu, 0) in current thread"). In process, with the key left lazy here
+    first, as an earlier draw leaves it; afterwards a draw here works (the worker evaluated the key it
+    split: without the hand-over this draw fails); a seeded run twice gives the same text."""
+    import mlx.core as mx
+    from typer.testing import CliRunner
+
+    import mlx_dsv4.cli as cli_mod
+
+    monkeypatch.setattr(cli_mod, "load_model", lambda name, verbose, *a, **k: tiny)
+    mx.random.normal((1,))
+    args = ["generate", "--raw", "--temp", "0.8", "-n", "6", "--verbose", "Once upon a time"]
+    r = CliRunner().invoke(cli_mod.app, args)
+    assert r.exit_code == 0 and "Generation: 6 tokens" in r.output, r.output
+    mx.eval(mx.random.normal((2,)))
+    seeded = [CliRunner().invoke(cli_mod.app, args[:-2] + ["--seed", "3", args[-1]]) for _ in range(2)]
+    assert seeded[0].exit_code == 0 and seeded[0].stdout == seeded[1].stdout
