@@ -238,7 +238,8 @@ def test_model_runs_the_kernels(monkeypatch, simulate):
     monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
     # only this module's wrappers see Metal: the other kernels keep their references (and the test fast)
     monkeypatch.setattr(A, "registry", types.SimpleNamespace(use_kernels=lambda: True, launch=registry.launch,
-                                                             placeholder=registry.placeholder))
+                                                             placeholder=registry.placeholder,
+                                                             constant=registry.constant))
     monkeypatch.setattr(registry, "get_kernel", lambda name: fakes.setdefault(name, CpuKernel(load_spec(name))))
     assert rel_err(_model_logits(model, toks, simulate), ref) < (2e-2 if simulate else 1e-4)
     assert fakes["sparse_attention_prefill"].calls == 10 and fakes["sparse_attention_decode"].calls == 10

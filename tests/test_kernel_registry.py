@@ -123,3 +123,55 @@ def test_launch_checks_every_template_though_it_caches_the_check(monkeypatch):
     bad = {n: 1 if k == "bool" else ok[n] for n, k in spec.template}
     with pytest.raises(ValueError, match="must be bool"):
         registry.launch("hc_pre", template=bad, **args)
+
+
+def _small_float_inputs(monkeypatch, steps: int = 2) -> list[list[tuple[str, int, mx.array]]]:
+    """Per decode step of the tiny model with the kernel paths taken (stand-ins, as on Metal): every
+    float input of at most 2 elements handed to a launch (eps, scales, routing constants), as
+    (kernel, input index, array)."""
+    from mlx_dsv4 import load
+
+    model, _ = load("tiny-random")
+    cache = model.make_cache()
+    mx.eval(model(mx.array([[3, 4, 5]]), cache))
+    seen = []
+
+    def stand_in(name):
+        def run(*, inputs, output_shapes, output_dtypes, **_):
+            seen[-1] += [(name, i, a) for i, a in enumerate(inputs)
+                         if a.size <= 2 and mx.issubdtype(a.dtype, mx.floating)]
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return run
+
+    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
+    monkeypatch.setattr(registry, "metal_available", lambda: True)
+    monkeypatch.setattr(registry, "get_kernel", stand_in)
+    for _ in range(steps):
+        seen.append([])
+        mx.eval(model(mx.array([[6]]), cache))
+    return seen
+
+
+def test_a_decode_step_allocates_no_constant_inputs(monkeypatch):
+    """The eps / scale / routing constants of a decode step (~530 in 460 launches on the Flash schedule) are built once
+    (registry.constant), not per launch: over two decode steps, each kernel input of one value is one
+    array. Negative control: fresh arrays per launch are caught."""
+    def arrays_per_value(steps):
+        by_value = {}
+        for k, i, a in (x for step in steps for x in step):
+            by_value.setdefault((k, i, str(a.dtype), tuple(a.reshape(-1).tolist())), set()).add(id(a))
+        return by_value
+
+    seen = _small_float_inputs(monkeypatch)
+    assert {k for k, _, _ in seen[0]} >= {"rows_finish", "hc_pre", "moe_router", "sparse_attention_decode"}
+    groups = arrays_per_value(seen)
+    assert all(len(ids) == 1 for ids in groups.values()), {k: len(v) for k, v in groups.items()}
+    monkeypatch.setattr(registry, "constant", lambda v, d: mx.array(v, d))
+    assert any(len(ids) > 1 for ids in arrays_per_value(_small_float_inputs(monkeypatch)).values())
+
+
+def test_constant_is_the_value_once_per_dtype():
+    a = registry.constant(1e-6, mx.float32)
+    assert a is registry.constant(1e-6, mx.float32) and a.dtype == mx.float32 and a.item() == pytest.approx(1e-6)
+    assert registry.constant((0.5, 2.0), mx.float32).tolist() == [0.5, 2.0]
+    assert registry.constant(3, mx.int32).dtype == mx.int32 and registry.constant(3, mx.int32).item() == 3

@@ -181,7 +181,7 @@ def _launch(form, q, window, win_start, comp, comp_idx, sink, start, ratio, wind
     grid = (32 * (SIMD_GROUPS if form == "decode" else QUERY_TILE), -(-H // ht), B * -(-L // tile))
     (out,) = registry.launch(
         f"sparse_attention_{form}",
-        [q, window, ck, ce, cr, idx, sink.astype(mx.float32), pos, mx.array(scale, dtype=mx.float32)],
+        [q, window, ck, ce, cr, idx, sink.astype(mx.float32), pos, registry.constant(scale, mx.float32)],
         template={"T": q.dtype, "D": D, "NOPE": nope, "HT": ht, "FP8": fp8, "CSA": csa, "WINDOW": window_size,
                   "RATIO": ratio},
         grid=grid, threadgroup=(grid[0], 1, 1), output_shapes=[q.shape], output_dtypes=[q.dtype])

@@ -158,7 +158,7 @@ def gate_up_kernel(x: mx.array, ids: mx.array, w1, w3, limit: float, shared=None
     w1s, w3s = shared or (w1, w3)  # without the shared expert: placeholders the kernel never reads
     grid, tg = _grid(inter, N * ks)
     (h,) = registry.launch(
-        "experts_gate_up", [x, ids, *w1, *w3, mx.array(limit, dtype=mx.float32), *w1s, *w3s],
+        "experts_gate_up", [x, ids, *w1, *w3, registry.constant(limit, mx.float32), *w1s, *w3s],
         template={"T": x.dtype, "D": d, "I": inter, "K": k, "SHARED": shared is not None}, grid=grid,
         threadgroup=tg, output_shapes=[(N, ks, inter)], output_dtypes=[mx.float32],
     )

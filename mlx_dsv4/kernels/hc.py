@@ -98,7 +98,8 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, eps: float, norm_eps: float, n
     w, out_eps = (base, 0.0) if norm is None else norm  # base: a placeholder the kernel never reads
     u, post, comb = registry.launch(
         "hc_pre", [X.reshape(n, 4, d), fn.astype(f32), scale.astype(f32), base.astype(f32),
-                   mx.array(eps, dtype=f32), mx.array(norm_eps, dtype=f32), w.astype(f32), mx.array(out_eps, dtype=f32)],
+                   registry.constant(eps, f32), registry.constant(norm_eps, f32), w.astype(f32),
+                   registry.constant(out_eps, f32)],
         template={"T": X.dtype, "D": d, "ITERS": iters, "NORM": norm is not None}, grid=(tg * n, 1, 1),
         threadgroup=(tg, 1, 1),
         output_shapes=[(n, d), (n, 4), (n, 4, 4)], output_dtypes=[X.dtype, f32, f32],

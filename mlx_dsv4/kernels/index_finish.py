@@ -71,7 +71,7 @@ def index_finish_kernel(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, 
     (out,) = registry.launch(
         "index_finish",
         [x4, freqs, freqs if weight is None else weight.astype(mx.float32),  # unread without NORM
-         mx.array([pos0, pos_step], mx.int32), mx.array([eps, D**-0.5], mx.float32)],
+         mx.array([pos0, pos_step], mx.int32), registry.constant((eps, D**-0.5), mx.float32)],
         template={"T": x.dtype, "D": D, "R2": freqs.shape[0], "NORM": weight is not None, "QAT": bool(simulate)},
         grid=(threads, 1, 1), threadgroup=(min(threads, 32 * ROWS_PER_THREADGROUP), 1, 1),
         output_shapes=[x4.shape], output_dtypes=[x.dtype],

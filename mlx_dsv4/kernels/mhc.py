@@ -64,7 +64,7 @@ def sinkhorn_split_kernel(mixes: mx.array, scale: mx.array, base: mx.array, iter
     f32 = mx.float32
     pre, post, comb = registry.launch(
         "sinkhorn_split",
-        [mixes.reshape(n, 24).astype(f32), scale.astype(f32), base.astype(f32), mx.array(eps, dtype=f32)],
+        [mixes.reshape(n, 24).astype(f32), scale.astype(f32), base.astype(f32), registry.constant(eps, f32)],
         template={"ITERS": iters}, grid=(16 * n, 1, 1), threadgroup=(min(16 * n, 256), 1, 1),
         output_shapes=[(n, 4), (n, 4), (n, 4, 4)], output_dtypes=[f32, f32, f32],
     )

@@ -209,7 +209,7 @@ def metal_available() -> bool:
 
 def use_kernels() -> bool:
     """True only on Metal and when MLX_DSV4_REFERENCE is not "1" (then the pure-MLX references run)."""
-    return os.environ.get(REFERENCE_ENV) != "1" and metal_available()
+    return metal_available() and os.environ.get(REFERENCE_ENV) != "1"
 
 
 @functools.cache
@@ -232,6 +232,15 @@ def placeholder(shape: tuple, dtype) -> mx.array:
     """An input a kernel's template never reads, built once: a decode step's graph then holds no fill
     launch for it. Use 8+ elements to keep it in device memory like the inputs it stands for."""
     a = mx.zeros(shape, dtype)
+    mx.eval(a)
+    return a
+
+
+@functools.lru_cache(maxsize=1024)
+def constant(value: float | int | tuple, dtype) -> mx.array:
+    """A small input that is the same at every launch (an eps, a scale, a routing constant), built and
+    evaluated once: a decode step then allocates and copies none of them (~530 per Flash-schedule step, 460 launches)."""
+    a = mx.array(value, dtype)
     mx.eval(a)
     return a
 

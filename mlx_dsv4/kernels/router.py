@@ -90,7 +90,7 @@ def route_kernel(x: mx.array, weight: mx.array, k: int, route_scale: float, *, b
     sel = tid2eid if hashed else bias
     grid, tg = _geometry(N, E, k, hashed)
     ids, weights = registry.launch(  # top-k routing reads no tokens: any array stands in (no extra op)
-        "moe_router", [x, weight, sel, sel if tokens is None else tokens, mx.array(route_scale, dtype=mx.float32)],
+        "moe_router", [x, weight, sel, sel if tokens is None else tokens, registry.constant(route_scale, mx.float32)],
         template={"D": d, "E": E, "K": k, "HASHED": hashed}, grid=grid, threadgroup=tg,
         output_shapes=[(N, k), (N, k)], output_dtypes=[mx.int32, mx.float32],
     )

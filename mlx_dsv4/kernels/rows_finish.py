@@ -94,6 +94,11 @@ def rows_finish_kernel(x, freqs, pos0: int, step: int = 1, *, norm=False, weight
     if not _kernel_ok(x, freqs, pos0, step, dtype):
         raise ValueError(f"rows_finish kernel: x and dtype must be float32/float16/bfloat16 with D <= {MAX_D} and "
                          f"positions within int32, got {x.dtype} -> {dtype}, D = {D}, pos0 {pos0}, step {step}")
+    return _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dtype)
+
+
+def _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dtype) -> mx.array:
+    """rows_finish_kernel once its arguments are checked (the dispatcher checks them only once)."""
     T = x.dtype if dtype is None else dtype
     B, L = x.shape[:2]
     H = x.shape[2] if x.ndim == 4 else 1
@@ -107,7 +112,7 @@ def rows_finish_kernel(x, freqs, pos0: int, step: int = 1, *, norm=False, weight
     w = freqs if weight is None else weight  # never read without a weight
     tmpl = {"T": T, "D": D, "R": R, "NOPE": fp8_nope, "NORM": bool(norm), "WEIGHT": bool(norm and weight is not None),
             "INVERSE": bool(inverse)}
-    (out,) = registry.launch("rows_finish", [x.reshape(B, L, H, D), w, freqs, pos, mx.array(eps, mx.float32)],
+    (out,) = registry.launch("rows_finish", [x.reshape(B, L, H, D), w, freqs, pos, registry.constant(eps, mx.float32)],
                              template=tmpl, grid=grid, threadgroup=tg, output_shapes=[(B, L, H, D)],
                              output_dtypes=[T])
     return out.reshape(x.shape)
@@ -117,7 +122,9 @@ def rows_finish(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, 
                 fp8_nope=0, dtype=None, cs=None) -> mx.array:
     """Finished rows in `dtype` (default x.dtype): the kernel on Metal, the reference otherwise
     (`cs`: see rows_finish_reference; the kernel computes its angles itself)."""
-    kw = dict(norm=norm, weight=weight, eps=eps, inverse=inverse, fp8_nope=fp8_nope, dtype=dtype)
-    if registry.use_kernels() and _kernel_ok(x, freqs, pos0, step, dtype):
-        return rows_finish_kernel(x, freqs, pos0, step, **kw)
-    return rows_finish_reference(x, freqs, pos0, step, cs=cs, **kw)
+    if registry.use_kernels():
+        D, R = _check(x, freqs, weight, fp8_nope, step, dtype)
+        if _kernel_ok(x, freqs, pos0, step, dtype):
+            return _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dtype)
+    return rows_finish_reference(x, freqs, pos0, step, norm=norm, weight=weight, eps=eps, inverse=inverse,
+                                 fp8_nope=fp8_nope, dtype=dtype, cs=cs)
