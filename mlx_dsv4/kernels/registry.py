@@ -239,7 +239,8 @@ def placeholder(shape: tuple, dtype) -> mx.array:
 @functools.lru_cache(maxsize=1024)
 def constant(value: float | int | tuple, dtype) -> mx.array:
     """A small input that is the same at every launch (an eps, a scale, a routing constant), built and
-    evaluated once: a decode step then allocates and copies none of them (~530 per Flash-schedule step, 460 launches)."""
+    evaluated once: a decode step then allocates and copies none of them (~530 in the 460 launches of a
+    Flash-schedule step)."""
     a = mx.array(value, dtype)
     mx.eval(a)
     return a
