@@ -304,7 +304,7 @@ class BatchGenerator:
         self._flight = {}
         try:
             if self._ev is not None:
-                self._ev.submit()
+                self._ev.submit()  # nothing but the key, which every submission hands over
             self._settle()
         except Exception:  # noqa: BLE001 - the step's own error is already on its way up
             pass
