@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx_lm.models.cache as _mlx_lm_cache
-from mlx_lm.models.cache import _BaseCache
 
 from .kvstore import Rows, make_rows
 
@@ -89,7 +88,7 @@ class CompressorState:
         return s
 
 
-class LayerCache(_BaseCache):
+class LayerCache:
     def __init__(self, ratio: int, window_size: int, compact: bool = False, nope: int | None = None):
         """compact: store compressed entries / indexer keys in the trained FP8 / FP4 formats
         (lossless only when the values were rounded to them, i.e. with simulate_qat on)."""
@@ -222,6 +221,13 @@ class LayerCache(_BaseCache):
     @property
     def meta_state(self):
         return ""
+
+    @classmethod
+    def from_state(cls, state: dict) -> "LayerCache":
+        """What mlx-lm's load_prompt_cache calls to rebuild a cache from its saved `state`."""
+        c = cls.__new__(cls)
+        c.state = state
+        return c
 
     def copy(self) -> "LayerCache":
         return LayerCache.from_state(self.state)

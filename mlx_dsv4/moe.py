@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from .config import ModelArgs
 from .kernels import experts as expert_kernels
@@ -103,6 +103,14 @@ class ExpertWeights:
         return mx.gather_mm(x, mx.swapaxes(w, -1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
 
 
+def _by_expert(xe: mx.array, ids: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """xe [N, 1, 1, d], ids [N, k] -> one row per selection, ordered by expert ([N k, 1, d]), their expert
+    ids in that order [N k], and the permutation that restores the selection order."""
+    flat = ids.reshape(-1)
+    order = mx.argsort(flat)
+    return xe.reshape(-1, *xe.shape[-2:])[order // ids.shape[-1]], flat[order], mx.argsort(order)
+
+
 def _is_mx(layer: nn.Module, mode: str, bits: int) -> bool:
     """A quantized layer in the layout the expert kernels read (group 32, no biases of any kind)."""
     return (getattr(layer, "mode", None) == mode and layer.group_size == 32 and layer.bits == bits
@@ -156,7 +164,7 @@ class RoutedExperts(nn.Module):
         xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, d]
         idx, inv, wts = ids, None, weights
         if do_sort:  # group rows by expert so each expert's weights are read once
-            xe, idx, inv = _gather_sort(xe, ids)
+            xe, idx, inv = _by_expert(xe, ids)
             wts = weights.flatten()[mx.argsort(ids.flatten())][:, None, None]
         else:
             wts = weights[..., None, None]
@@ -164,7 +172,7 @@ class RoutedExperts(nn.Module):
         h = (h * wts).astype(x.dtype)  # the reference scales before w2
         y = w2(h, idx, do_sort).astype(mx.float32)
         if do_sort:
-            y = _scatter_unsort(y, inv, ids.shape)
+            y = y[inv].reshape(*ids.shape, *y.shape[1:])  # back to [N, k, 1, d], row order
         return y.squeeze(-2).sum(axis=-2)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..kvstore import FP8Rows, Rows
 from . import registry
+from .stores import is_store
 
 _ATTN_BUDGET = 1 << 22  # elements of one query block's [B, H, Lb, keys] score tile
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -26,7 +26,7 @@ DECODE_THREADGROUPS = 32  # decode: shrink the head tile until about this many t
 
 def _comp_rows(comp):
     """(dense [B, N, D] array or None, store or None): HCA may get either form."""
-    if isinstance(comp, Rows):
+    if is_store(comp):
         return (comp.view() if comp.n else None), comp
     return comp, None
 
@@ -43,7 +43,7 @@ def sink_softmax(z: mx.array, sink: mx.array, dtype) -> mx.array:
 def sparse_attention_reference(q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale):
     """Softmax-with-sink attention of q [B, L, H, D] (first query at position `start`) over
     window rows [B, W, D] (first at position `win_start`) and compressed entries: with
-    comp_idx None, `comp` ([B, N, D] array or a kvstore.Rows store) holds them all and each
+    comp_idx None, `comp` ([B, N, D] array or a row store, kernels/stores.py) holds them all and each
     query sees the causally complete ones (HCA); otherwise `comp` is a row store and comp_idx
     [B, L, k] the per-query selection (CSA, -1 = none), gathered per query block. Returns [B, L, H, D].
     """
@@ -124,10 +124,10 @@ def _check(q, window, comp, comp_idx, sink, ratio, window_size) -> None:
         raise ValueError(f"sparse_attention: window must be [{B}, W, {D}], got shape {window.shape}")
     if sink.shape != (H,):
         raise ValueError(f"sparse_attention: sink must be [{H}], got shape {sink.shape}")
-    if comp_idx is not None and (not isinstance(comp, Rows) or comp_idx.shape[:2] != (B, L) or comp_idx.ndim != 3):
+    if comp_idx is not None and (not is_store(comp) or comp_idx.shape[:2] != (B, L) or comp_idx.ndim != 3):
         raise ValueError(f"sparse_attention: comp_idx must be [{B}, {L}, k] with a row store as comp, got "
                          f"comp_idx {comp_idx.shape}, comp {type(comp).__name__}")
-    if comp is not None and not isinstance(comp, Rows) and (comp.ndim != 3 or comp.shape[0] != B or comp.shape[2] != D):
+    if comp is not None and not is_store(comp) and (comp.ndim != 3 or comp.shape[0] != B or comp.shape[2] != D):
         raise ValueError(f"sparse_attention: comp must be a row store or [{B}, N, {D}], got shape {comp.shape}")
     if not isinstance(ratio, int) or ratio < 1 or not isinstance(window_size, int) or window_size < 1:
         raise ValueError(f"sparse_attention: ratio and window_size must be ints >= 1, got {ratio!r}, {window_size!r}")
@@ -145,15 +145,15 @@ def _store_inputs(q, comp):
     when the form is not covered (the reference runs then)."""
     B, D = q.shape[0], q.shape[-1]
     ce, cr = registry.placeholder((8,), mx.uint8), registry.placeholder((8,), q.dtype)
-    n = 0 if comp is None else (comp.n if isinstance(comp, Rows) else comp.shape[1])
+    n = 0 if comp is None else (comp.n if is_store(comp) else comp.shape[1])
     if n == 0:
         return False, D, registry.placeholder((B, 1, D), q.dtype), ce, cr, 0
-    if isinstance(comp, FP8Rows):
+    if is_store(comp) and comp.kind == "fp8":
         p = comp.parts
         if comp.block != 64 or not 0 < comp.nope <= D or p["rope"].dtype != q.dtype:
             return None
         return True, comp.nope, p["codes"], p["exps"], p["rope"], n
-    rows = (comp.parts.get("rows") if comp.kind == "dense" else None) if isinstance(comp, Rows) else comp
+    rows = (comp.parts.get("rows") if comp.kind == "dense" else None) if is_store(comp) else comp
     if rows is None or rows.dtype not in KERNEL_DTYPES:
         return None
     return False, D, rows, ce, cr, n

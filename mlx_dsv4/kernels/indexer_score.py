@@ -2,7 +2,7 @@
 
 score[b, l, n] = sum_h w[b, l, h] * relu(q[b, l, h] . k[b, n]) in float32 for the entries query l of
 row b can see, n < (offset[b] + l + 1) // ratio, and -inf for the others (spec §4.2). The keys k are a
-[B, N, D] array or a row store (kvstore.Rows): the kernel reads a dense or FP4 store in place, the
+[B, N, D] array or a row store (kernels/stores.py): the kernel reads a dense or FP4 store in place, the
 reference decodes it through the store's view(), as the cache's index_keys does.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..kvstore import FP4Rows, Rows
 from . import registry
+from .stores import is_store
 
 SCORE_BUDGET = 1 << 21  # elements of a [B, Lb, H, Nb] block the reference keeps live at once
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -28,14 +28,14 @@ def _offsets(offset, batch: int) -> mx.array:
 
 def _key_shape(k, q: mx.array) -> tuple:
     """(B, N, D) of the keys: an array's shape, or a store's valid rows and decoded width."""
-    if not isinstance(k, Rows):
+    if not is_store(k):
         return tuple(k.shape)
-    if not isinstance(k, FP4Rows) and k.kind != "dense":
+    if k.kind not in ("fp4", "dense"):
         raise ValueError(f"indexer_score: k must be an array or a dense / FP4 row store, got a {k.kind!r} store")
     if not k.n:
         return q.shape[0], 0, q.shape[-1]
-    p = k.parts["packed"] if isinstance(k, FP4Rows) else k.parts["rows"]
-    return p.shape[0], k.n, p.shape[2] * (2 if isinstance(k, FP4Rows) else 1)
+    p = k.parts["packed"] if k.kind == "fp4" else k.parts["rows"]
+    return p.shape[0], k.n, p.shape[2] * (2 if k.kind == "fp4" else 1)
 
 
 def _check(q: mx.array, k, w: mx.array, ratio: int) -> None:
@@ -53,7 +53,7 @@ def _check(q: mx.array, k, w: mx.array, ratio: int) -> None:
 def indexer_score_reference(q: mx.array, k, w: mx.array, offset: int | mx.array, ratio: int) -> mx.array:
     """[B, L, N] float32 scores; blocks over queries and keys keep at most SCORE_BUDGET elements live."""
     _check(q, k, w, ratio)
-    if isinstance(k, Rows):
+    if is_store(k):
         k = k.view() if k.n else mx.zeros((q.shape[0], 0, q.shape[-1]), q.dtype)
     B, L, H, _ = q.shape
     N = k.shape[1]
@@ -80,9 +80,9 @@ def indexer_score_reference(q: mx.array, k, w: mx.array, offset: int | mx.array,
 def _key_inputs(q: mx.array, k):
     """(FP4, k, kexp, n): the keys as the kernel reads them, in place, or None for forms it does not
     cover. The keys the kernel sees (decoded, for FP4) must be in q's dtype."""
-    if not isinstance(k, Rows):
+    if not is_store(k):
         return (False, k, _no_exps(), k.shape[1]) if k.dtype == q.dtype else None
-    if isinstance(k, FP4Rows):
+    if k.kind == "fp4":
         decoded = k.dtype or mx.float32  # what FP4Rows.decode gives (float32 for a store restored from arrays)
         if not k.n or k.block != 32 or q.shape[-1] % 32 or decoded != q.dtype:
             return None
@@ -124,14 +124,14 @@ def indexer_score_kernel(q: mx.array, k, w: mx.array, offset: int | mx.array, ra
 def scoring_keys(q: mx.array, k):
     """What indexer_score should be given for these keys: a store the kernel will read in place as is,
     any other store decoded once here (not once per query block) through its view()."""
-    if isinstance(k, Rows) and not (registry.use_kernels() and kernel_supported(q, k)):
+    if is_store(k) and not (registry.use_kernels() and kernel_supported(q, k)):
         return k.view()
     return k
 
 
 def indexer_score(q: mx.array, k, w: mx.array, offset: int | mx.array, ratio: int) -> mx.array:
     """Causal indexer scores [B, L, N]: the kernel on Metal, the reference elsewhere or for key forms
-    the kernel does not cover. k: [B, N, D] or a kvstore.Rows store."""
+    the kernel does not cover. k: [B, N, D] or a row store."""
     if registry.use_kernels() and kernel_supported(q, k):
         return indexer_score_kernel(q, k, w, offset, ratio)
     return indexer_score_reference(q, k, w, offset, ratio)

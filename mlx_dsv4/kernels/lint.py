@@ -14,6 +14,13 @@ from dataclasses import dataclass
 
 from .registry import KernelSpec
 
+# `threadgroup T name[dims];` (one per statement, at kernel scope): storage shared by the fibers
+# of one threadgroup. Pointers and references (`threadgroup T* p`) keep only the qualifier.
+TG_DECL = re.compile(
+    r"\bthreadgroup\s+(?P<type>(?:const\s+)?[A-Za-z_][\w:]*(?:\s*<[^;{}()]*?>)?)\s+"
+    r"(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\];]+\]\s*)*);"
+)
+
 METAL_HEADERS = {"metal_stdlib", "metal_simdgroup", "metal_simdgroup_matrix", "metal_atomic", "metal_math",
                  "metal_compute", "metal_integer", "metal_common"}
 _RULES = [  # (rule, pattern, message, sections)
@@ -98,8 +105,6 @@ def lint_source(text: str, section: str = "source", first_line: int = 1) -> list
 
 
 def _threadgroup_issues(code: str, section: str, line) -> list[LintIssue]:
-    from .sim.source import TG_DECL
-
     declared = {m.start() for m in TG_DECL.finditer(code)}
     pointers = {m.start() for m in _TG_POINTER.finditer(code)}
     issues = []

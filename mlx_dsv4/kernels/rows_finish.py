@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..formats import fp8_block_roundtrip
 from ..norm import rms_norm
-from ..qat import TrainedFormats
 from ..rope import apply_rope, table
 from . import fuse, registry
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 MAX_D = 2048  # the kernel keeps a row in registers: D / 32 floats per lane (q_lora_rank 1536 in Pro)
 ROWS_PER_THREADGROUP = 8  # SIMD groups (one row each) per threadgroup
-_FP8 = TrainedFormats(True)
 
 
 def _check(x, freqs, weight, fp8_nope, step, dtype) -> tuple[int, int]:
@@ -47,8 +46,8 @@ def _check(x, freqs, weight, fp8_nope, step, dtype) -> tuple[int, int]:
 
 def rows_finish_reference(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6,
                           inverse=False, fp8_nope=0, dtype=None, cs=None) -> mx.array:
-    """Pure MLX, the model's own ops: x.astype(dtype), rms_norm, cos_sin + apply_rope, TrainedFormats.kv.
-    cs: cos_sin of these positions when the caller shares one table across calls (attention's q, kv
+    """Pure MLX, the model's own ops: x.astype(dtype), rms_norm, cos_sin + apply_rope, the trained FP8
+    rounding (formats.fp8_block_roundtrip, as TrainedFormats.kv). cs: cos_sin of these positions when the caller shares one table across calls (attention's q, kv
     and output rotate at the same positions), so a reference decode step builds it once, not thrice;
     [L, R/2], or [B, L, R/2] for rows at their own positions (batch.py; pos0 is then unused).
     The chain after the table is one fused piece (kernels/fuse.py)."""
@@ -71,7 +70,7 @@ def _finish(dtype, norm, has_weight, eps, has_rope, inverse, fp8_nope, x, *array
         if x.ndim == 4:  # one angle per position, shared by the heads ([L] or per batch row [B, L] tables)
             cos, sin = cos[..., None, :], sin[..., None, :]
         y = apply_rope(y, cos, sin, inverse=inverse)
-    return _FP8.kv(y, fp8_nope) if fp8_nope else y
+    return fp8_block_roundtrip(y, block=64, dims=fp8_nope) if fp8_nope else y
 
 
 def _kernel_ok(x, freqs, pos0, step, dtype) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..lint import TG_DECL
 from ..registry import KernelSpec
 
 # (attribute, type) in MLX's order; one is declared when its name occurs anywhere in the body.
@@ -141,14 +142,6 @@ def mlx_source(spec: KernelSpec, inputs: Sequence[ArgInfo], output_types: Sequen
         inst = f"{func}<{', '.join(template_value(v) for _, v in template)}>"
         out.append(f'\ntemplate [[host_name("{func}")]] [[kernel]] decltype({inst}) {inst};\n')
     return func, "".join(out)
-
-
-# `threadgroup T name[dims];` (one per statement, at kernel scope): storage shared by the fibers
-# of one threadgroup. Pointers and references (`threadgroup T* p`) keep only the qualifier.
-TG_DECL = re.compile(
-    r"\bthreadgroup\s+(?P<type>(?:const\s+)?[A-Za-z_][\w:]*(?:\s*<[^;{}()]*?>)?)\s+"
-    r"(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\];]+\]\s*)*);"
-)
 
 
 def rewrite_threadgroup(body: str) -> str:
