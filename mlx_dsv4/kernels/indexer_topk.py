@@ -53,7 +53,8 @@ def top_k_visible_kernel(scores: mx.array, k: int, start: int, ratio: int) -> mx
         return mx.zeros((B, L, k), dtype=mx.int32)
     tg = threads(N)
     (ids,) = registry.launch(
-        "indexer_topk", [scores.astype(mx.float32), mx.array([start] * B, dtype=mx.int32), registry.constant(k, mx.int32)],
+        "indexer_topk",
+        [scores.astype(mx.float32), mx.array([start] * B, dtype=mx.int32), registry.constant(k, mx.int32)],
         template={"RATIO": ratio}, grid=(tg, L, B), threadgroup=(tg, 1, 1),
         output_shapes=[(B, L, k)], output_dtypes=[mx.int32],
     )
