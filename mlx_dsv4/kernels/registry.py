@@ -83,7 +83,8 @@ class KernelSpec:
         return out
 
 
-def parse_spec(text: str, path: str = "<string>", name: str | None = None, include_dir: Path | None = None) -> KernelSpec:
+def parse_spec(text: str, path: str = "<string>", name: str | None = None,
+               include_dir: Path | None = None) -> KernelSpec:
     """Parse the text of one .metal file (see the module docstring for the format). `@include a; b`
     prepends include_dir/a.h, b.h (default: the file's folder) to the header: code two kernels share."""
     lines = text.splitlines()
