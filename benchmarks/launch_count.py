@@ -127,7 +127,7 @@ def count_layers(m, context: int) -> dict:
     seen = {}
     for i, (layer, c) in enumerate(zip(m.layers, cache)):
         if m.args.ratio(i) not in seen:
-            seen[m.args.ratio(i)] = layer_step_counts(layer, c, X, toks[:, context:], m.qat)
+            seen[m.args.ratio(i)] = layer_step_counts(layer, c, X, toks[:, context:], m.simulate_qat)
     return seen
 
 

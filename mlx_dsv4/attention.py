@@ -66,7 +66,7 @@ class Attention(nn.Module):
             a = og @ mx.swapaxes(wo_a.weight.reshape(G, R, -1), -1, -2)
         return self.wo_b(a.reshape(B, L, G * R))
 
-    def __call__(self, x: mx.array, cache, qat) -> mx.array:
+    def __call__(self, x: mx.array, cache, simulate: bool) -> mx.array:
         """x [B, L, dim] -> [B, L, dim]. cache: one LayerCache (every row at its offset), or a
         batch.RowCaches (one LayerCache per row, each at its own offset): then everything but the
         compressors, the indexer, the attention itself and the cache pushes runs over all rows at once."""
@@ -76,27 +76,27 @@ class Attention(nn.Module):
         q, kv = self.wq_b(qr).reshape(B, L, self.n_heads, a.head_dim), self.wkv(x)
         rows = getattr(cache, "rows", None)
         if rows is None:
-            o = self.attend(x, qr, q, kv, cache, qat)
+            o = self.attend(x, qr, q, kv, cache, simulate)
         else:
             if len(rows) != B:
                 raise ValueError(f"{len(rows)} row caches for a batch of {B}")
             starts = [c.offset for c in rows]
-            q, kv, cs = self.finish_rows(q, kv, starts, qat)
+            q, kv, cs = self.finish_rows(q, kv, starts, simulate)
             if L == 1 and not registry.use_kernels():
-                o = self.attend_rows(x, qr, q, kv, rows, qat, cs)
+                o = self.attend_rows(x, qr, q, kv, rows, simulate, cs)
             else:  # the kernels take one scalar position: row by row
-                o = mx.concatenate([self.attend(x[i : i + 1], qr[i : i + 1], q[i : i + 1], kv[i : i + 1], c, qat,
+                o = mx.concatenate([self.attend(x[i : i + 1], qr[i : i + 1], q[i : i + 1], kv[i : i + 1], c, simulate,
                                                 finished=True) for i, c in enumerate(rows)], axis=0)
             o = self._finish(o, starts, lambda t, p0, c: rows_finish(t, self._freqs, p0, inverse=True, cs=c), cs)
         y = self.grouped_out(o.reshape(B, L, self.n_heads * a.head_dim))
         return y if self.shard is None else self.shard.all_sum(y)
 
-    def finish_rows(self, q: mx.array, kv: mx.array, starts: list[int], qat):
+    def finish_rows(self, q: mx.array, kv: mx.array, starts: list[int], simulate: bool):
         """q / kv norms, RoPE at each row's own positions and kv's FP8 rounding, for all rows at once: the
         same elementwise ops as the solo path with a per-row angle table. Returns (q, kv, the table)."""
         a = self.args
         L = q.shape[1]
-        nope_fp8 = a.head_dim - a.rope_head_dim if qat.simulate else 0
+        nope_fp8 = a.head_dim - a.rope_head_dim if simulate else 0
         cs = cos_sin(mx.array(starts)[:, None] + mx.arange(L), self._freqs)  # [B, L, r/2]
         q = self._finish(q, starts, lambda t, p0, c: rows_finish(t, self._freqs, p0, norm=True, eps=a.norm_eps,
                                                                    cs=c), cs)
@@ -113,7 +113,7 @@ class Attention(nn.Module):
             return fn(t, starts[0], cs)
         return mx.concatenate([fn(t[i : i + 1], p0, None) for i, p0 in enumerate(starts)], axis=0)
 
-    def attend_rows(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, rows: list[LayerCache], qat,
+    def attend_rows(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, rows: list[LayerCache], simulate: bool,
                     cs) -> mx.array:
         """`attend` (finished=True) for one token per row, each row at its own offset, on the reference path:
         the compressor and indexer projections over all rows at once, the windows completed this step
@@ -121,7 +121,7 @@ class Attention(nn.Module):
         compressed (or selected) entries, padded to a common length and masked. cs: finish_rows' table."""
         a = self.args
         B, D = x.shape[0], a.head_dim
-        nope_fp8 = D - a.rope_head_dim if qat.simulate else 0
+        nope_fp8 = D - a.rope_head_dim if simulate else 0
         if self.ratio:
             e, done = self.compressor.call_rows(x, [c.offset for c in rows], [c.comp_state for c in rows],
                                                 self._freqs, x.dtype, nope_fp8)
@@ -129,7 +129,7 @@ class Attention(nn.Module):
                 rows[i].push_compressed(ei)
         ids = [None] * B
         if self.ratio == 4:
-            ids = self.indexer.select_rows(x, qr, rows, self._freqs, qat.simulate, a.index_topk, cs)
+            ids = self.indexer.select_rows(x, qr, rows, self._freqs, simulate, a.index_topk, cs)
         # After its push a row's window is exactly what its query sees: the last window_size positions.
         for c, k in zip(rows, mx.split(kv, B)):
             c.push_window(k)
@@ -178,7 +178,7 @@ class Attention(nn.Module):
         comp = full[0].decode(parts, None)
         return mx.concatenate([keys, comp], axis=1), mx.concatenate([mx.array(mask), cmask], axis=1)
 
-    def attend(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, cache: LayerCache, qat,
+    def attend(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, cache: LayerCache, simulate: bool,
                finished: bool = False) -> mx.array:
         """The position-dependent part at the cache's offset: q / kv norms and RoPE, compressor,
         indexer, sparse attention, cache pushes. q [B, L, H, D] and kv [B, L, D] are the raw
@@ -188,7 +188,7 @@ class Attention(nn.Module):
         L = x.shape[1]
         start = cache.offset
         D, r = a.head_dim, a.rope_head_dim
-        nope_fp8 = D - r if qat.simulate else 0  # qat.kv: FP8 on the non-RoPE channels, or nothing
+        nope_fp8 = D - r if simulate else 0  # the trained FP8 on the non-RoPE channels, or nothing
         fr = self._freqs
         if not finished:
             cs = table(fr, start, L)  # one table for q, kv and the output (reference path)
@@ -202,7 +202,7 @@ class Attention(nn.Module):
             cache.push_compressed(self.compressor(x, start, cache.comp_state, fr, x.dtype, nope_fp8))
             if self.ratio == 4:
                 # None: the top-k would cover every entry, so the dense causal path gives the same result
-                idx = self.indexer(x, qr, start, cache, fr, qat.simulate, a.index_topk)
+                idx = self.indexer(x, qr, start, cache, fr, simulate, a.index_topk)
                 comp = cache.compressed_store if cache.n_compressed else None
             else:
                 comp = cache.compressed_store  # read in place (kernels) or decoded once (reference)

@@ -83,7 +83,7 @@ def measure(model, context: int, gen_tokens: int, chunk: int, seed: int = 0) -> 
         if r:
             grown = c.compressed_store.nbytes + c._index.nbytes
             per_ratio[str(r)] = per_ratio.get(str(r), 0.0) + grown / (c.offset // r * r)
-    fmt = "compact" if model.qat.simulate else "bf16"
+    fmt = "compact" if model.simulate_qat else "bf16"
     analytic = {}
     for i in range(a.n_layers):
         r = a.ratio(i)

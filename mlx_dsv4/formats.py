@@ -12,6 +12,11 @@ nearest-even. The indexer additionally applies the normalised Sylvester Walsh-Ha
 because one wrong exponent changes a whole block (spec sections 4.1, 4.2, 7.2-7.4). Round trips
 are defined as dequantize(quantize(x)), so a compact cache that stores the codes and exponent
 bytes reads back exactly what the simulation computes.
+
+Where they apply: with the simulation on (Model.simulate_qat, as the reference runs) the window KV
+and compressed entries pass through fp8_block_roundtrip on their non-RoPE channels, and the indexer's
+q and keys through indexer_roundtrip. Off, both are identity: the Hadamard is orthogonal, so dropping
+it on q and k together leaves q . k unchanged.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from .config import ModelArgs
 from .mhc import hc_head, hc_post, hc_pre
 from .moe import MoE
 from .norm import RMSNorm, rms_norm
-from .qat import TrainedFormats
 
 
 class Block(nn.Module):
@@ -39,10 +38,11 @@ class Block(nn.Module):
                       getattr(self, f"hc_{site}_base"), a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps,
                       (norm.weight, norm.eps))
 
-    def __call__(self, X: mx.array, tokens: mx.array, cache: LayerCache, qat: TrainedFormats,
+    def __call__(self, X: mx.array, tokens: mx.array, cache: LayerCache, simulate: bool,
                  experts=None) -> mx.array:
+        """simulate: the trained activation formats (Model.simulate_qat)."""
         h, post, comb = self._hc("attn", X)
-        X = hc_post(self.attn(h, cache, qat), X, post, comb)
+        X = hc_post(self.attn(h, cache, simulate), X, post, comb)
         h, post, comb = self._hc("ffn", X)
         return hc_post(self.ffn(h, tokens, experts), X, post, comb)
 
@@ -73,12 +73,12 @@ class MTPBlock(Block, HCHead):
         self.hnorm = RMSNorm(args.dim, args.norm_eps)
         self._init_head(args)
 
-    def __call__(self, h: mx.array, next_tokens: mx.array, embed: nn.Embedding, cache: LayerCache, qat,
+    def __call__(self, h: mx.array, next_tokens: mx.array, embed: nn.Embedding, cache: LayerCache, simulate: bool,
                  experts=None):
         """The block's output streams [B, L, hc, d] (before its hc_head): drafting recurses on them."""
         e = self.e_proj(self.enorm(embed(next_tokens)))  # [B, L, d]
         X = e[:, :, None, :] + self.h_proj(self.hnorm(h))  # hnorm per stream
-        return super().__call__(X, next_tokens, cache, qat, experts)
+        return super().__call__(X, next_tokens, cache, simulate, experts)
 
 
 def layer_caches(cache: list) -> list[LayerCache]:
@@ -103,7 +103,7 @@ class Model(HCHead):
                  shard=None):
         super().__init__()
         self.args = args
-        self.qat = TrainedFormats(simulate_qat)
+        self.simulate_qat = bool(simulate_qat)  # the trained activation formats (formats.py), as the reference
         self.expert_store = None
         self.stage = stage
         self.shard = shard
@@ -123,8 +123,8 @@ class Model(HCHead):
         """One LayerCache per layer this rank holds (all of them in one process). compact
         (default: simulate_qat) stores compressed entries and indexer keys in the trained FP8 /
         FP4 formats: lossless, as the simulation rounds to them."""
-        compact = self.qat.simulate if compact is None else compact
-        if compact and not self.qat.simulate:
+        compact = self.simulate_qat if compact is None else compact
+        if compact and not self.simulate_qat:
             raise ValueError("a compact cache needs simulate_qat=True (otherwise storage would round values)")
         a = self.args
         return [LayerCache(a.ratio(i), a.window_size, compact, a.nope_head_dim) for i in self.owned]
@@ -155,7 +155,7 @@ class Model(HCHead):
             e = self.embed(tokens)
             X = mx.broadcast_to(e[:, :, None, :], (*e.shape[:2], a.hc_mult, e.shape[-1]))
         for i, c in zip(self.owned, cache):
-            X = self.layers[i](X, tokens, c, self.qat, self._experts(f"layers.{i}"))
+            X = self.layers[i](X, tokens, c, self.simulate_qat, self._experts(f"layers.{i}"))
         return X
 
     def _experts(self, block: str):
@@ -220,4 +220,4 @@ class Model(HCHead):
         if not self.mtp:
             raise ValueError("this checkpoint has no MTP layer")
         cache = cache or self.make_mtp_cache()
-        return self.mtp[0](h, next_tokens, self.embed, cache[0], self.qat, self._experts("mtp.0"))
+        return self.mtp[0](h, next_tokens, self.embed, cache[0], self.simulate_qat, self._experts("mtp.0"))

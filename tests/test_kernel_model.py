@@ -43,7 +43,7 @@ PREFILL, DECODE = 300, 4
 
 def tolerance(m) -> float:
     """1e-5 of max |logit| in fp32; 1e-3 with the trained-format simulation (see the module docstring)."""
-    return 1e-3 if m.qat.simulate else 1e-5
+    return 1e-3 if m.simulate_qat else 1e-5
 
 
 class Selections:
@@ -86,7 +86,7 @@ def model(request):
 def _run(m, toks):
     cache = m.make_cache()
     # with the simulation on, the compact FP8 / FP4 stores (read in place by the kernels)
-    assert (cache[2]._comp.kind, cache[2]._index.kind) == (("fp8", "fp4") if m.qat.simulate else ("dense", "dense"))
+    assert (cache[2]._comp.kind, cache[2]._index.kind) == (("fp8", "fp4") if m.simulate_qat else ("dense", "dense"))
     outs = [m(mx.array(toks[:, :PREFILL]), cache)]
     outs += [m(mx.array(toks[:, i : i + 1]), cache) for i in range(PREFILL, toks.shape[1])]
     mx.eval(outs)
@@ -116,7 +116,7 @@ def test_every_kernel_through_the_harness_matches_the_reference(model, reference
     # The fused hc_pre kernel does the Sinkhorn split itself for hc = 4, so sinkhorn_split is left only to
     # hc_pre's fallback (hc != 4, other dtypes): never in this model; test_kernel_mhc.py covers it.
     expected = set(available_kernels()) - {"sinkhorn_split"}
-    if not model.qat.simulate:  # store_encode encodes the compact cache's rows: only with the simulation on
+    if not model.simulate_qat:  # store_encode encodes the compact cache's rows: only with the simulation on
         expected -= {"store_encode"}
     assert set(calls) == expected, f"kernels that never ran: {expected - set(calls)}"
     assert calls["sparse_attention_decode"] == 5 * DECODE and calls["experts_gate_up"] == 5 * DECODE

@@ -177,7 +177,7 @@ def test_attention_partials_add_up_and_caches_stay_whole(trained):
         caches = [model.make_cache()[i]] + [p.make_cache()[i] for p in parts]
         for L in (150, 1, 1):
             x = mx.array(rng.standard_normal((1, L, model.args.dim)).astype(np.float32))
-            outs = [np.array(m.layers[i].attn(x, c, m.qat)) for m, c in zip([model, *parts], caches)]
+            outs = [np.array(m.layers[i].attn(x, c, m.simulate_qat)) for m, c in zip([model, *parts], caches)]
             assert rel_err(outs[1] + outs[2], outs[0]) <= 1e-5, (i, L)
             assert rel_err(outs[1], outs[0]) > 1e-3, "one rank's share alone is not the output"
         whole = tree_flatten(caches[0].state)

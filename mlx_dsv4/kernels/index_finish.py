@@ -4,7 +4,7 @@
 x [B, L, H, D] (or [B, L, D]) -> optional weighted RMSNorm (the indexer keys), RoPE on the last
 2 * freqs.size channels at position pos0 + t * pos_step for token t (q: start + t; keys: entry j at
 j * ratio), then, with `simulate`, the trained-format round trip formats.indexer_roundtrip (Hadamard,
-bf16, FP4 e2m1 in 1x32 blocks) cast back to x.dtype, exactly what TrainedFormats.index returns.
+bf16, FP4 e2m1 in 1x32 blocks) cast back to x.dtype, exactly what formats.indexer_roundtrip(x).astype(x.dtype) returns.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _check(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, weight) -> No
 
 def index_finish_reference(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
                            weight: mx.array | None = None, eps: float = 0.0, cs=None) -> mx.array:
-    """The reference path itself: rms_norm, cos_sin + apply_rope, TrainedFormats.index, one fused
+    """The reference path itself: rms_norm, cos_sin + apply_rope, formats.indexer_roundtrip, one fused
     piece after the angle table (kernels/fuse.py). cs: cos_sin of the positions, [L, R/2] or per batch
     row [B, L, R/2] (rows at their own positions, batch.py; pos0 / pos_step are then unused)."""
     _check(x, freqs, pos0, pos_step, weight)

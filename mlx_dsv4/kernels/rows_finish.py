@@ -47,7 +47,7 @@ def _check(x, freqs, weight, fp8_nope, step, dtype) -> tuple[int, int]:
 def rows_finish_reference(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6,
                           inverse=False, fp8_nope=0, dtype=None, cs=None) -> mx.array:
     """Pure MLX, the model's own ops: x.astype(dtype), rms_norm, cos_sin + apply_rope, the trained FP8
-    rounding (formats.fp8_block_roundtrip, as TrainedFormats.kv). cs: cos_sin of these positions when
+    rounding (formats.fp8_block_roundtrip) of the first fp8_nope channels. cs: cos_sin of these positions when
     the caller shares one table across calls (attention's q, kv and output rotate at the same
     positions), so a reference decode step builds it once, not thrice;
     [L, R/2], or [B, L, R/2] for rows at their own positions (batch.py; pos0 is then unused).

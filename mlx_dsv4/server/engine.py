@@ -159,7 +159,7 @@ class Engine:
     def row_bytes(self, n_tokens: int) -> int:
         """The analytic cache bytes of one sequence of n_tokens in this model's cache format."""
         m = self.model
-        fmt = "compact" if m.qat.simulate else "bf16"
+        fmt = "compact" if m.simulate_qat else "bf16"
         size = m.layers[m.owned[0]].attn_norm.weight.dtype.size  # a layer this rank holds (all load alike)
         return cache_bytes(m.args, n_tokens, fmt, size)["total"]
 
