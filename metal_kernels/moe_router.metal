@@ -8,7 +8,7 @@
 // @template       D: int; E: int; K: int; HASHED: bool
 // @grid           (32 G N, 1, 1), G = min(32, HASHED ? K : E) SIMD groups per token
 // @threadgroup    (32 G, 1, 1)
-// @reference      mlx_dsv4.kernels.router.route_reference
+// @reference      mlx_dsv4.kernels.moe_router.moe_router_reference
 // @tolerance      ids: the same set (where the reference's K-th and K+1-th s + bias differ by more than
 //                 the logit error); weights: relative 2 (D + 2) 2^-24 max_e sum_d |x_d w_ed| + 32 2^-24
 //                 (fp32 logits summed in another order; |d s / s| <= |d z| / 2, and the weights are a

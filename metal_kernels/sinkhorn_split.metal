@@ -7,7 +7,7 @@
 // @include        sinkhorn
 // @grid           (16 * N, 1, 1)
 // @threadgroup    (min(16 * N, 256), 1, 1)
-// @reference      mlx_dsv4.kernels.mhc.sinkhorn_split_reference
+// @reference      mlx_dsv4.kernels.sinkhorn_split.sinkhorn_split_reference
 // @tolerance      2e-6 absolute against the reference (fp32; values in [0, 2]; row/column sums
 //                 are butterflies (a+b)+(c+d) where MLX sums in another order, a few ulp after 20 rounds)
 // @bytes          192 N + 112 (reads 96 N + 112, writes 96 N)

@@ -11,7 +11,7 @@
 // @include        formats; sparse_attention_common
 // @grid           (32 * 4, ceil(H / HT), B * L)
 // @threadgroup    (128, 1, 1): 4 SIMD groups, one query (b, l) and a tile of HT heads
-// @reference      mlx_dsv4.kernels.attention.sparse_attention_reference
+// @reference      mlx_dsv4.kernels.sparse_attention.sparse_attention_reference
 // @tolerance      |out - ref| <= (4 e_T + 2 dz + (keys + D + 8) 2^-24) sum_j p_j |v_j| + 2 e_T |ref|, e_T the
 //                 unit roundoff of T, dz the fp32 logit error bound (D + 2) 2^-24 scale max_j sum_d |q_d k_jd|:
 //                 same fp32 terms in another order, and the probability / output roundings to T may land on

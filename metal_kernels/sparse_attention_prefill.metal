@@ -11,7 +11,7 @@
 // @include        formats; sparse_attention_common
 // @grid           (32 * 4, ceil(H / HT), B * ceil(L / 4))
 // @threadgroup    (128, 1, 1): 4 SIMD groups, one query each, and a tile of HT heads
-// @reference      mlx_dsv4.kernels.attention.sparse_attention_reference
+// @reference      mlx_dsv4.kernels.sparse_attention.sparse_attention_reference
 // @tolerance      as sparse_attention_decode: |out - ref| <= (4 e_T + 2 dz + (keys + D + 8) 2^-24) sum_j p_j |v_j|
 //                 + 2 e_T |ref| (same fp32 terms in another order; T roundings may land on neighbours)
 // @bytes          window: (WINDOW + 3) D sizeof(T) per (4-query tile, head tile), twice (one read per pass);

@@ -16,7 +16,7 @@ from .cache import LayerCache
 from .compressor import Compressor
 from .config import ModelArgs
 from .indexer import Indexer
-from .kernels.attention import rows_attention, sparse_attention
+from .kernels.sparse_attention import rows_attention, sparse_attention
 from .kernels import registry
 from .kernels.rows_finish import rows_finish
 from .norm import RMSNorm

@@ -11,16 +11,16 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .kernels import hc as kernels_hc
-from .kernels import mhc as kernels_mhc
+from .kernels import sinkhorn_split as kernels_sinkhorn
 
 
 def sinkhorn_split(mix: mx.array, scale: mx.array, base: mx.array, hc: int, iters: int, eps: float):
     """mix [..., (2+hc)*hc] -> pre [..., hc], post [..., hc], comb [..., hc, hc] (float32).
 
-    One fused Metal kernel on a Mac, the compiled pure-MLX reference elsewhere (kernels/mhc.py)."""
+    One fused Metal kernel on a Mac, the compiled pure-MLX reference elsewhere (kernels/sinkhorn_split.py)."""
     if mix.shape[-1] != (2 + hc) * hc:
         raise ValueError(f"sinkhorn_split: mix must end in (2+hc)*hc = {(2 + hc) * hc} for hc={hc}, got {mix.shape}")
-    return kernels_mhc.sinkhorn_split(mix, scale, base, iters, eps)
+    return kernels_sinkhorn.sinkhorn_split(mix, scale, base, iters, eps)
 
 
 def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None):

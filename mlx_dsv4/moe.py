@@ -16,7 +16,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 
 from .config import ModelArgs
 from .kernels import experts as expert_kernels
-from .kernels import registry, router
+from .kernels import moe_router, registry
 from .kernels.experts import clamped_swiglu
 
 # Rows (tokens x selected experts) from which the experts sort rows by expert, so MLX's gather_qmm
@@ -39,7 +39,7 @@ class Gate(nn.Module):
     def __call__(self, x: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """x [N, d], tokens [N] -> (weights [N, k] float32, expert ids [N, k])."""
         table = dict(tid2eid=self.tid2eid, tokens=tokens) if "tid2eid" in self else dict(bias=self.bias)
-        return router.route(x, self.weight, self.topk, self.route_scale, **table)
+        return moe_router.moe_router(x, self.weight, self.topk, self.route_scale, **table)
 
 
 class Expert(nn.Module):

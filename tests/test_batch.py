@@ -20,7 +20,7 @@ from mlx_dsv4 import attention
 from mlx_dsv4.batch import BatchGenerator, batch_generate, step_logits
 from mlx_dsv4.cache_size import cache_bytes
 from mlx_dsv4.generate import generate, prefill, stream_generate
-from mlx_dsv4.kernels.attention import rows_attention, sparse_attention_reference
+from mlx_dsv4.kernels.sparse_attention import rows_attention, sparse_attention_reference
 from mlx_dsv4.kvstore import make_rows
 from mlx_dsv4.load import load
 
@@ -191,7 +191,7 @@ def _row_case(rng, W, N, t, H=4, D=64, ratio=4, selected=None):
 
 
 def test_rows_attention_with_padding_equals_each_rows_reference_attention():
-    """kernels.attention.rows_attention (batch.py's one attention over all rows) against the reference run
+    """kernels.sparse_attention.rows_attention (batch.py's one attention over all rows) against the reference run
     row by row: rows with fewer window rows and entries than others, a full 128-row window, an entry the
     query cannot see yet, a selection with -1 slots. Padding slots hold random values (the mask alone must
     silence them). Both sides sum the same fp32 terms in other orders: 1e-5 of the output's scale covers

@@ -6,7 +6,7 @@ Tolerance, per token, with u = 2^-24 and d the stream width:
   4 d fp32 products in other orders (each within (4 d) u of exact times the sum of |terms|) and rho
   comes from a 4 d-term sum of squares (relative error <= (4 d) u / 2 after the rsqrt).
 - pre, post, comb: the split's gain times max_r delta_r, plus the Sinkhorn kernel's own 2e-6
-  (tests/test_kernel_mhc.py). Gains: sigmoid' <= 1/4, so pre moves <= scale[0]/4 and post <=
+  (tests/test_kernel_sinkhorn_split.py). Gains: sigmoid' <= 1/4, so pre moves <= scale[0]/4 and post <=
   scale[1]/2 per unit of mix; comb's measured float64 gain is <= 0.62 scale[2] (random mixes of
   spread 0.5-5, 200 draws): allow 2 scale[2].
 - u (stored in T): sum_k |d pre_k| |X_k| + 4 u sum_k |pre_k X_k| in fp32, then 1 ulp of T, as both

@@ -34,7 +34,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from tinymodels import mlx_model, rel_err, tokens
 
 from mlx_dsv4 import indexer
-from mlx_dsv4.kernels import registry, router
+from mlx_dsv4.kernels import moe_router as router, registry
 from mlx_dsv4.kernels.registry import available_kernels, load_spec
 from mlx_dsv4.kernels.sim import kernels_on_cpu
 
@@ -53,7 +53,7 @@ class Selections:
     def __init__(self, mp):
         self.log, self.replay, self.at, self.rows, self.differ = [], False, 0, 0, 0
         mp.setattr(indexer, "top_k_visible", self._wrap(indexer.top_k_visible, lambda out: out))
-        mp.setattr(router, "route", self._wrap(router.route, lambda out: out[1]))
+        mp.setattr(router, "moe_router", self._wrap(router.moe_router, lambda out: out[1]))
 
     def start_replay(self):
         self.replay, self.at, self.rows, self.differ = True, 0, 0, 0
@@ -114,7 +114,7 @@ def test_every_kernel_through_the_harness_matches_the_reference(model, reference
         out = _run(model, toks)
     assert sel.at == len(sel.log) and sel.differ <= 0.01 * sel.rows, (sel.differ, sel.rows)
     # The fused hc_pre kernel does the Sinkhorn split itself for hc = 4, so sinkhorn_split is left only to
-    # hc_pre's fallback (hc != 4, other dtypes): never in this model; test_kernel_mhc.py covers it.
+    # hc_pre's fallback (hc != 4, other dtypes): never in this model; test_kernel_sinkhorn_split.py covers it.
     expected = set(available_kernels()) - {"sinkhorn_split"}
     if not model.simulate_qat:  # store_encode encodes the compact cache's rows: only with the simulation on
         expected -= {"store_encode"}

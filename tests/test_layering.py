@@ -1,6 +1,7 @@
-"""Import rules, read from the source (ast): kernels/ sits below the model (it reads only the number formats,
-norms, RoPE and config, never the cache's stores, qat or the CPU simulator on the dispatch path), and
-nothing relies on mlx-lm's private names (an unpinned mlx-lm may drop them in any release)."""
+"""Structure rules, read from the source (ast, file names): kernels/ sits below the model (it reads only the
+number formats, norms, RoPE and config, never the cache's stores or the CPU simulator on the dispatch
+path); nothing relies on mlx-lm's private names (an unpinned mlx-lm may drop them in any release); each
+Metal kernel, its wrapper module and its test share one name."""
 
 import ast
 from pathlib import Path
@@ -73,7 +74,29 @@ def test_the_rules_catch_what_they_forbid():
     """Negative controls: the imports this test exists to keep out are flagged, at any depth."""
     src = ("from ..kvstore import Rows\nfrom .. import qat, norm\nfrom .registry import launch\n"
            "def f():\n    from .sim.source import TG_DECL\n    from ..formats import pack_fp4\n")
-    assert kernel_violations(src, "mlx_dsv4.kernels.attention") == [
+    assert kernel_violations(src, "mlx_dsv4.kernels.sparse_attention") == [
         "mlx_dsv4.kvstore", "mlx_dsv4.qat", "mlx_dsv4.kernels.sim.source"]
     src = "from mlx_lm.models.cache import _BaseCache, KVCache\nimport mlx_lm.models._x\nfrom mlx_lm import load\n"
     assert private_mlx_lm(src, "mlx_dsv4.cache") == ["mlx_lm.models.cache._BaseCache", "mlx_lm.models._x"]
+
+
+def unnamed(kernels: list[str], wrappers: set[str], tests: set[str]) -> list[str]:
+    """Kernels without a wrapper module of their name (or of their family's stem: hc_pre -> hc) and a test
+    tests/test_kernel_<that name>.py."""
+    bad = []
+    for k in kernels:
+        stem = next((w for w in sorted(wrappers, key=len, reverse=True) if k == w or k.startswith(w + "_")), None)
+        if stem is None or f"test_kernel_{stem}" not in tests:
+            bad.append(k)
+    return bad
+
+
+def test_kernel_wrapper_and_test_share_a_name():
+    root = PKG.parent
+    kernels = sorted(p.stem for p in (root / "metal_kernels").glob("*.metal"))
+    wrappers = {p.stem for p in (PKG / "kernels").glob("*.py")} - {"__init__"}
+    tests = {p.stem for p in (root / "tests").glob("test_kernel_*.py")}
+    assert len(kernels) >= 14 and not unnamed(kernels, wrappers, tests)
+    # negative controls: a kernel whose wrapper or test goes by another name is reported
+    assert unnamed(["sparse_attention_decode"], wrappers - {"sparse_attention"} | {"attention"}, tests)
+    assert unnamed(["moe_router"], wrappers, tests - {"test_kernel_moe_router"} | {"test_kernel_router"})

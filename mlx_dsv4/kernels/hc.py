@@ -2,7 +2,7 @@
 (metal_kernels/hc_pre.metal, hc_post.metal).
 
 hc_pre: X [..., hc, d] -> mixes = rsqrt(mean(flat^2) + norm_eps) * (fn @ flat) with flat the hc*d
-stream values in float32, the Sinkhorn split of the mixes (kernels/mhc.py), and u = sum_k pre_k X_k
+stream values in float32, the Sinkhorn split of the mixes (kernels/sinkhorn_split.py), and u = sum_k pre_k X_k
 in float32 rounded to X.dtype. hc_post: X'_k = post_k * y + sum_j comb[j, k] X_j in float32, stored
 in X.dtype (comb is applied transposed). The kernels cover hc = 4 with X in float32 / float16 /
 bfloat16; other cases take the reference.
@@ -15,7 +15,7 @@ import math
 import mlx.core as mx
 
 from ..norm import rms_norm
-from . import fuse, mhc, registry
+from . import fuse, registry, sinkhorn_split
 
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -66,7 +66,7 @@ def hc_pre_reference(X, fn, scale, base, iters: int, eps: float, norm_eps: float
 
 
 def _pre(iters, eps, norm_eps, out_eps, X, fn, scale, base, *w):
-    pre, post, comb = mhc.sinkhorn_split(mixes(X, fn, norm_eps), scale, base, iters, eps)
+    pre, post, comb = sinkhorn_split.sinkhorn_split(mixes(X, fn, norm_eps), scale, base, iters, eps)
     u = (pre[..., None] * X.astype(mx.float32)).sum(axis=-2).astype(X.dtype)
     return (u if out_eps is None else rms_norm(u, w[0], out_eps)), post, comb
 

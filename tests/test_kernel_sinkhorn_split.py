@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from kernel_util import assert_caught, fake_metal, needs_cxx, variant
 
-from mlx_dsv4.kernels import mhc, registry
+from mlx_dsv4.kernels import registry, sinkhorn_split as mhc
 from mlx_dsv4.kernels.registry import load_spec
 from mlx_dsv4.kernels.sim import run_metal_kernel_on_cpu
 

@@ -24,25 +24,25 @@ KERNEL_TOKENS = 16
 def _check(x, weight, k, bias, tid2eid, tokens) -> tuple[int, int, int]:
     """(N, E, d) after validating the arguments."""
     if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"router: want x [N, d] and weight [E, d]; got x {x.shape}, weight {weight.shape}")
+        raise ValueError(f"moe_router: want x [N, d] and weight [E, d]; got x {x.shape}, weight {weight.shape}")
     N, d = x.shape
     E = weight.shape[0]
     if not isinstance(k, int) or not 1 <= k <= E:
-        raise ValueError(f"router: k must be an int in [1, {E}], got {k!r}")
+        raise ValueError(f"moe_router: k must be an int in [1, {E}], got {k!r}")
     if (bias is None) == (tid2eid is None):
-        raise ValueError("router: pass exactly one of bias (top-k routing) and tid2eid (hashed routing)")
+        raise ValueError("moe_router: pass exactly one of bias (top-k routing) and tid2eid (hashed routing)")
     if bias is not None and bias.shape != (E,):
-        raise ValueError(f"router: bias must be [{E}], got {bias.shape}")
+        raise ValueError(f"moe_router: bias must be [{E}], got {bias.shape}")
     if tid2eid is not None:
         if tid2eid.ndim != 2 or tid2eid.shape[1] != k or not mx.issubdtype(tid2eid.dtype, mx.integer):
-            raise ValueError(f"router: tid2eid must be integer [vocab, {k}], got {tid2eid.dtype} {tid2eid.shape}")
+            raise ValueError(f"moe_router: tid2eid must be integer [vocab, {k}], got {tid2eid.dtype} {tid2eid.shape}")
         if tokens is None or tokens.shape != (N,) or not mx.issubdtype(tokens.dtype, mx.integer):
             got = None if tokens is None else f"{tokens.dtype} {tokens.shape}"
-            raise ValueError(f"router: hashed routing needs integer tokens [{N}], got {got}")
+            raise ValueError(f"moe_router: hashed routing needs integer tokens [{N}], got {got}")
     return N, E, d
 
 
-def route_reference(x: mx.array, weight: mx.array, k: int, route_scale: float, *, bias: mx.array | None = None,
+def moe_router_reference(x: mx.array, weight: mx.array, k: int, route_scale: float, *, bias: mx.array | None = None,
                     tid2eid: mx.array | None = None, tokens: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Pure MLX: (weights [N, k] float32, ids [N, k]; int32 when hashed, uint32 from argpartition);
     one fused piece (kernels/fuse.py)."""
@@ -75,7 +75,7 @@ def _kernel_ok(x: mx.array, weight: mx.array, k: int) -> bool:
             and k <= MAX_K)
 
 
-def route_kernel(x: mx.array, weight: mx.array, k: int, route_scale: float, *, bias: mx.array | None = None,
+def moe_router_kernel(x: mx.array, weight: mx.array, k: int, route_scale: float, *, bias: mx.array | None = None,
                  tid2eid: mx.array | None = None, tokens: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """The Metal kernel: one threadgroup per token; ids int32 (ties: lowest index first)."""
     N, E, d = _check(x, weight, k, bias, tid2eid, tokens)
@@ -97,12 +97,12 @@ def route_kernel(x: mx.array, weight: mx.array, k: int, route_scale: float, *, b
     return weights, ids
 
 
-def route(x: mx.array, weight: mx.array, k: int, route_scale: float, *, bias: mx.array | None = None,
+def moe_router(x: mx.array, weight: mx.array, k: int, route_scale: float, *, bias: mx.array | None = None,
           tid2eid: mx.array | None = None, tokens: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """(weights [N, k] float32, ids [N, k]): the kernel on Metal for up to KERNEL_TOKENS tokens, the
     reference otherwise."""
     kw = dict(bias=bias, tid2eid=tid2eid, tokens=tokens)
     if registry.use_kernels() and x.ndim == 2 and x.shape[0] <= KERNEL_TOKENS and _kernel_ok(x, weight, k) and (
             bias is None or bias.dtype in KERNEL_DTYPES):
-        return route_kernel(x, weight, k, route_scale, **kw)
-    return route_reference(x, weight, k, route_scale, **kw)
+        return moe_router_kernel(x, weight, k, route_scale, **kw)
+    return moe_router_reference(x, weight, k, route_scale, **kw)

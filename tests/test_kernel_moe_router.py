@@ -17,7 +17,7 @@ import pytest
 from kernel_util import assert_caught, fake_metal, needs_cxx, variant
 
 from mlx_dsv4.kernels import registry
-from mlx_dsv4.kernels import router as rt
+from mlx_dsv4.kernels import moe_router as rt
 from mlx_dsv4.kernels.registry import load_spec
 from mlx_dsv4.kernels.sim import run_metal_kernel_on_cpu
 
@@ -103,7 +103,7 @@ def test_reference_matches_float64_oracle(name):
     x, w, kw = _case(N, E, d, k, hashed, seed=len(name), dtype=dtype)
     ow, oi, gap = _oracle(x, w, k, kw)
     assert gap > 1e-3  # the data leave no doubt about the selected set
-    rw, ri = rt.route_reference(x, w, k, SCALE, **kw)
+    rw, ri = rt.moe_router_reference(x, w, k, SCALE, **kw)
     assert _ok((rw, ri), (ow, oi), x, w)
     assert rw.dtype == mx.float32
 
@@ -115,7 +115,7 @@ def test_kernel_matches_reference(name):
     x, w, kw = _case(N, E, d, k, hashed, seed=len(name), dtype=dtype)
     assert _oracle(x, w, k, kw)[2] > 1e-3
     got = _run(SPEC, x, w, k, kw)
-    assert got[1].dtype == np.int32 and _ok(got, rt.route_reference(x, w, k, SCALE, **kw), x, w)
+    assert got[1].dtype == np.int32 and _ok(got, rt.moe_router_reference(x, w, k, SCALE, **kw), x, w)
     if hashed:  # the kernel keeps the table's order
         np.testing.assert_array_equal(got[1], np.array(kw["tid2eid"])[np.array(kw["tokens"])])
 
@@ -148,7 +148,7 @@ def _valid(w, ids, kw, k) -> bool:
 @pytest.mark.parametrize("E, period, k", [(256, 5, 6), (8, 3, 2)])
 def test_ties_give_a_valid_set_lowest_index_first(E, period, k):
     x, w, kw = _tied(E, period)
-    assert _valid(*rt.route_reference(x, w, k, SCALE, **kw), kw, k)
+    assert _valid(*rt.moe_router_reference(x, w, k, SCALE, **kw), kw, k)
     got = _run(SPEC, x, w, k, kw)
     assert _valid(*got, kw, k) and _lowest_first(got[1], kw, k)
 
@@ -157,13 +157,14 @@ def test_ties_give_a_valid_set_lowest_index_first(E, period, k):
 def test_dispatch_through_the_wrapper(monkeypatch):
     fake = fake_metal(monkeypatch, SPEC)
     x, w, kw = _case(3, 8, 64, 2, False, seed=7)
-    got = rt.route(x, w, 2, SCALE, **kw)
-    assert fake.calls == 1 and got[1].dtype == mx.int32 and _ok(got, rt.route_reference(x, w, 2, SCALE, **kw), x, w)
+    got = rt.moe_router(x, w, 2, SCALE, **kw)
+    assert fake.calls == 1 and got[1].dtype == mx.int32
+    assert _ok(got, rt.moe_router_reference(x, w, 2, SCALE, **kw), x, w)
     big = mx.concatenate([x] * 6)  # 18 > KERNEL_TOKENS tokens: the GEMM path
-    rt.route(big, w, 2, SCALE, **kw)
+    rt.moe_router(big, w, 2, SCALE, **kw)
     assert fake.calls == 1
     monkeypatch.setenv(registry.REFERENCE_ENV, "1")
-    rt.route(x, w, 2, SCALE, **kw)
+    rt.moe_router(x, w, 2, SCALE, **kw)
     assert fake.calls == 1
 
 
@@ -186,7 +187,7 @@ def test_broken_variants_are_caught(what):
         ok = lambda out: _valid(*out, kw, k) and _lowest_first(out[1], kw, k)  # noqa: E731
     else:
         x, w, kw = _case(3, 256, 32, k, False, seed=3)
-        ref = rt.route_reference(x, w, k, SCALE, **kw)
+        ref = rt.moe_router_reference(x, w, k, SCALE, **kw)
         ok = lambda out: _ok(out, ref, x, w)  # noqa: E731
     assert ok(_run(SPEC, x, w, k, kw))  # the intact kernel passes the same check
     assert assert_caught(lambda: _run(variant(SPEC, old, new), x, w, k, kw), ok)
@@ -196,16 +197,16 @@ def test_bad_input_is_refused():
     x, w, kw = _case(2, 8, 16, 2, False)
     _, _, hk = _case(2, 8, 16, 2, True)
     with pytest.raises(ValueError, match="x \\[N, d\\] and weight"):
-        rt.route(x, w[:, :8], 2, SCALE, **kw)
+        rt.moe_router(x, w[:, :8], 2, SCALE, **kw)
     with pytest.raises(ValueError, match="k must be"):
-        rt.route(x, w, 9, SCALE, **kw)
+        rt.moe_router(x, w, 9, SCALE, **kw)
     with pytest.raises(ValueError, match="exactly one of bias"):
-        rt.route(x, w, 2, SCALE)
+        rt.moe_router(x, w, 2, SCALE)
     with pytest.raises(ValueError, match="bias must be \\[8\\]"):
-        rt.route(x, w, 2, SCALE, bias=kw["bias"][:4])
+        rt.moe_router(x, w, 2, SCALE, bias=kw["bias"][:4])
     with pytest.raises(ValueError, match="tid2eid must be"):
-        rt.route(x, w, 3, SCALE, **hk)
+        rt.moe_router(x, w, 3, SCALE, **hk)
     with pytest.raises(ValueError, match="needs integer tokens"):
-        rt.route(x, w, 2, SCALE, tid2eid=hk["tid2eid"])
+        rt.moe_router(x, w, 2, SCALE, tid2eid=hk["tid2eid"])
     with pytest.raises(ValueError, match="moe_router kernel"):
-        rt.route_kernel(x.astype(mx.int32), w, 2, SCALE, **kw)
+        rt.moe_router_kernel(x.astype(mx.int32), w, 2, SCALE, **kw)

@@ -26,7 +26,7 @@ from test_kernel_experts import U32, UNIT, _decode, _weights, _within
 from mlx_dsv4 import moe
 from mlx_dsv4.config import from_hf_config
 from mlx_dsv4.kernels import experts as ex
-from mlx_dsv4.kernels import registry, router
+from mlx_dsv4.kernels import moe_router as router, registry
 from mlx_dsv4.kernels.registry import load_spec
 from mlx_dsv4.kernels.sim import kernels_on_cpu, run_metal_kernel_on_cpu
 from mlx_dsv4.tiny import tiny_hf_config
@@ -255,7 +255,7 @@ def _moe_case(m, x, tokens):
 def test_wrapper_and_the_model_moe(monkeypatch):
     """fp32 within the end-to-end bound; bf16 within 2^-6 of the norm (the model's path rounds gate, up
     and each expert's output to bfloat16, the kernels keep them fp32: a few bfloat16 ulp)."""
-    monkeypatch.setattr(moe.router, "route", router.route_reference)  # the same routing on both paths
+    monkeypatch.setattr(moe.moe_router, "moe_router", router.moe_router_reference)  # the same routing on both paths
     m = _moe("mxfp8")
     x = mx.array(np.random.default_rng(3).standard_normal((2, 3, 64)).astype(np.float32))
     tokens = mx.array([[1, 2, 3], [4, 5, 6]])

@@ -19,7 +19,7 @@ import pytest
 from kernel_util import assert_caught, needs_cxx, variant
 from tinymodels import mlx_model, rel_err, tokens
 
-from mlx_dsv4.kernels import attention as A
+from mlx_dsv4.kernels import sparse_attention as A
 from mlx_dsv4.kernels import registry
 from mlx_dsv4.kernels.registry import load_spec
 from mlx_dsv4.kernels.sim import CpuKernel, run_metal_kernel_on_cpu
