@@ -100,3 +100,16 @@ def test_kernel_wrapper_and_test_share_a_name():
     # negative controls: a kernel whose wrapper or test goes by another name is reported
     assert unnamed(["sparse_attention_decode"], wrappers - {"sparse_attention"} | {"attention"}, tests)
     assert unnamed(["moe_router"], wrappers, tests - {"test_kernel_moe_router"} | {"test_kernel_router"})
+
+
+def test_every_reference_line_names_a_function():
+    """The `@reference` field of each .metal file names the pure-MLX twin by its dotted path: it must resolve
+    (a rename that forgets it would leave a kernel pointing nowhere)."""
+    import importlib
+
+    from mlx_dsv4.kernels.registry import available_kernels, load_spec
+
+    for name in available_kernels():
+        path = load_spec(name).doc["reference"].split()[0]
+        module, _, fn = path.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), fn, None)), f"{name}: @reference {path}"
