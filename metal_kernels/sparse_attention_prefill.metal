@@ -5,7 +5,8 @@
 // @inputs         q: T[B, L, H, D]; win: T[B, W, D]; ck: C[B, cap, D] dense rows or uint8[B, cap, NOPE] e4m3;
 //                 ce: uint8[B, cap, ceil(NOPE / 64)] E8M0 (FP8) or a dummy; cr: T[B, cap, D - NOPE] rope (FP8)
 //                 or a dummy; idx: int32[B, L, K] (CSA, -1 = none) or a dummy; sink: float[H];
-//                 pos: int32[3] (start, win_start, n valid entries); scale: float[]
+//                 pos: int32[3] (start, win_start (< 0: the rows before position 0 are padding), n valid
+//                 entries); scale: float[]
 // @outputs        out: T[B, L, H, D]
 // @template       T: type; D: int; NOPE: int; HT: int; FP8: bool; CSA: bool; WINDOW: int; RATIO: int
 // @include        formats; sparse_attention_common
@@ -50,7 +51,8 @@ const bool live = l < L;  // a partial tile's spare groups still meet every barr
 const int ws = pos[1], n = pos[2], t = pos[0] + l;
 const int t_last = pos[0] + metal::min(l0 + QT, L) - 1;
 const int tlo = metal::max(ws, pos[0] + l0 - WINDOW + 1), thi = metal::min(ws + W, t_last + 1);  // tile's rows
-const int wlo = metal::max(ws, t - WINDOW + 1), whi = live ? metal::min(ws + W, t + 1) : wlo;  // this query's
+// this query's visible rows (none before position 0: padding)
+const int wlo = metal::max(metal::max(ws, t - WINDOW + 1), 0), whi = live ? metal::min(ws + W, t + 1) : wlo;
 const int nc = !live ? 0 : CSA ? K : metal::max(metal::min(n, (t + 1) / RATIO), 0);
 const device int* ids = idx + (size_t(b) * L + metal::min(l, L - 1)) * K;
 const size_t crow = size_t(b) * cap;

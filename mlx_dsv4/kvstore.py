@@ -10,6 +10,7 @@ codes and exponent bytes is lossless: reads give back bit-identical values at ab
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from .formats import fp4_block_dequantize, fp8_block_dequantize, unpack_fp4
 from .kernels.store_encode import fp4_encode, fp8_encode
@@ -61,7 +62,8 @@ class Rows:
         sel = {}
         for name, v in self.parts.items():
             cap = v.shape[1]
-            flat_ids = (ids + (mx.arange(B) * cap).reshape(B, *([1] * (ids.ndim - 1)))).reshape(-1)
+            first = mx.array(np.arange(B, dtype=np.int32) * cap)  # a constant: no arange in a compiled step
+            flat_ids = (ids + first.reshape(B, *([1] * (ids.ndim - 1)))).reshape(-1)
             rows = mx.take(v.reshape(B * cap, *v.shape[2:]), flat_ids, axis=0)  # whole-row copies
             sel[name] = rows.reshape(*ids.shape, *v.shape[2:])
         return self.decode(sel, dtype)

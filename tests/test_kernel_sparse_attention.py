@@ -62,7 +62,7 @@ def _oracle(q, win, win_start, store, ids, sink, start, ratio, window_size, scal
     for b in range(B):
         for l in range(L):
             t = start + l
-            rows = [win[b, p - win_start] for p in range(max(win_start, t - window_size + 1), t + 1)]
+            rows = [win[b, p - win_start] for p in range(max(win_start, t - window_size + 1, 0), t + 1)]
             if ids is None:
                 rows += [comp[b, e] for e in range(min(store.n, (t + 1) // ratio))]
             else:
@@ -126,6 +126,8 @@ DECODE_CASES = {  # (B, L, H, D, W, window_size, start, n, k, dtype, fp8, head t
     "CSA FP8 fp32 with -1 slots, L=4": (2, 4, 6, 64, 11, 8, 50, 13, 5, mx.float32, True, None),
     "CSA dense bf16, D=96, window not yet full": (1, 2, 3, 96, 4, 16, 2, 0, 3, mx.bfloat16, False, 3),
     "CSA dense bf16, D=96": (1, 1, 8, 96, 16, 16, 70, 17, 6, mx.bfloat16, False, 2),
+    "window rows before position 0 (a ring cache's first steps)": (2, 1, 4, 64, 9, 8, 3, 1, None, mx.float32, False,
+                                                                  None),
 }
 
 
@@ -176,7 +178,7 @@ def test_dispatch_through_the_wrapper(monkeypatch):
 
 
 DECODE_BROKEN = {
-    "window mask off by one": ("t - WINDOW + 1);", "t - WINDOW);"),
+    "window mask off by one": ("t - WINDOW + 1), 0);", "t - WINDOW), 0);"),
     "HCA causal bound off by one": ("(t + 1) / RATIO", "(t + 2) / RATIO"),
     "missing barrier before the statistics are combined": (
         "threadgroup_barrier(mem_flags::mem_threadgroup);\n    for (int i = 0; i < HT; ++i) {", "{\n{"),
@@ -195,8 +197,20 @@ def test_decode_broken_variants_are_caught(what):
     assert assert_caught(lambda: _run(broken, args, ht=4), lambda o: _ok(o, ref, args, mx.float32))
 
 
+@needs_cxx
+def test_decode_sees_no_window_row_before_position_0():
+    """Negative control for the padding rows of a ring cache's window (win_start < 0): without the clamp the
+    query at position 3 also attends to the 5 zero rows before position 0."""
+    args = _case(2, 1, 4, 64, 9, 8, 3, 1, seed=11)
+    assert args[2] < 0
+    ref = _ref(args)
+    assert _ok(_run(DECODE, args), ref, args, mx.float32)
+    broken = variant(DECODE, "t - WINDOW + 1), 0);", "t - WINDOW + 1), -99);")
+    assert assert_caught(lambda: _run(broken, args), lambda o: _ok(o, ref, args, mx.float32))
+
+
 PREFILL_BROKEN = {
-    "window mask off by one": ("metal::max(ws, t - WINDOW + 1), whi", "metal::max(ws, t - WINDOW), whi"),
+    "window mask off by one": ("metal::max(ws, t - WINDOW + 1), 0), whi", "metal::max(ws, t - WINDOW), 0), whi"),
     "missing barrier after staging a chunk": (
         "threadgroup_barrier(mem_flags::mem_threadgroup);\n    for (int p", "\n    for (int p"),
     "wrong SIMD reduction of the logit": ("simd_sum(d)", "simd_shuffle_xor(d, 1) + d"),
@@ -239,7 +253,8 @@ def test_model_runs_the_kernels(monkeypatch, simulate):
     # only this module's wrappers see Metal: the other kernels keep their references (and the test fast)
     monkeypatch.setattr(A, "registry", types.SimpleNamespace(use_kernels=lambda: True, launch=registry.launch,
                                                              placeholder=registry.placeholder,
-                                                             constant=registry.constant))
+                                                             constant=registry.constant,
+                                                             int_inputs=registry.int_inputs))
     monkeypatch.setattr(registry, "get_kernel", lambda name: fakes.setdefault(name, CpuKernel(load_spec(name))))
     assert rel_err(_model_logits(model, toks, simulate), ref) < (2e-2 if simulate else 1e-4)
     assert fakes["sparse_attention_prefill"].calls == 10 and fakes["sparse_attention_decode"].calls == 10

@@ -26,8 +26,9 @@ def _check(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, weight) -> No
         raise ValueError(f"index_finish: x must be a float [B, L, H, D] or [B, L, D], got {x.dtype} {x.shape}")
     if freqs.ndim != 1 or 2 * freqs.shape[0] > x.shape[-1]:
         raise ValueError(f"index_finish: freqs must be [R/2] with R <= D = {x.shape[-1]}, got {freqs.shape}")
-    if not isinstance(pos0, int) or not isinstance(pos_step, int) or pos_step < 1:
-        raise ValueError(f"index_finish: pos0 / pos_step must be ints, pos_step >= 1; got {pos0!r}, {pos_step!r}")
+    if not isinstance(pos0, (int, mx.array)) or not isinstance(pos_step, int) or pos_step < 1:
+        raise ValueError(f"index_finish: pos0 must be an int or an int array, pos_step an int >= 1; got {pos0!r}, "
+                         f"{pos_step!r}")
     if weight is not None and weight.shape != (x.shape[-1],):
         raise ValueError(f"index_finish: weight must be [{x.shape[-1]}], got {weight.shape}")
 
@@ -71,7 +72,7 @@ def index_finish_kernel(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, 
     (out,) = registry.launch(
         "index_finish",
         [x4, freqs, freqs if weight is None else weight.astype(mx.float32),  # unread without NORM
-         mx.array([pos0, pos_step], mx.int32), registry.constant((eps, D**-0.5), mx.float32)],
+         registry.int_inputs(pos0, pos_step), registry.constant((eps, D**-0.5), mx.float32)],
         template={"T": x.dtype, "D": D, "R2": freqs.shape[0], "NORM": weight is not None, "QAT": bool(simulate)},
         grid=(threads, 1, 1), threadgroup=(min(threads, 32 * ROWS_PER_THREADGROUP), 1, 1),
         output_shapes=[x4.shape], output_dtypes=[x.dtype],

@@ -19,9 +19,12 @@ MAX_THREADS = 1024
 def _check(scores: mx.array, k, start, ratio) -> None:
     if scores.ndim != 3:
         raise ValueError(f"top_k_visible: scores must be [B, L, N], got shape {scores.shape}")
+    if isinstance(start, mx.array) and start.ndim == 0 and mx.issubdtype(start.dtype, mx.integer):
+        start = 0  # a compiled step's position (an array): its value is not known here
     for name, v, lo in (("k", k, 1), ("start", start, 0), ("ratio", ratio, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"top_k_visible: {name} must be an int >= {lo}, got {v!r}")
+            raise ValueError(f"top_k_visible: {name} must be an int >= {lo} (start: or an int scalar array), "
+                             f"got {v!r}")
 
 
 def top_k_visible_reference(scores: mx.array, k: int, start: int, ratio: int) -> mx.array:
@@ -33,7 +36,7 @@ def top_k_visible_reference(scores: mx.array, k: int, start: int, ratio: int) ->
         idx = mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32))
     else:
         idx = mx.broadcast_to(mx.arange(N, dtype=mx.int32), scores.shape)
-    visible = ((mx.arange(start, start + scores.shape[1]) + 1) // ratio)[None, :, None]
+    visible = ((start + mx.arange(scores.shape[1]) + 1) // ratio)[None, :, None]
     return mx.where(idx < visible, idx, -1)
 
 
@@ -54,7 +57,7 @@ def top_k_visible_kernel(scores: mx.array, k: int, start: int, ratio: int) -> mx
     tg = threads(N)
     (ids,) = registry.launch(
         "indexer_topk",
-        [scores.astype(mx.float32), mx.array([start] * B, dtype=mx.int32), registry.constant(k, mx.int32)],
+        [scores.astype(mx.float32), mx.broadcast_to(registry.int_inputs(start), (B,)), registry.constant(k, mx.int32)],
         template={"RATIO": ratio}, grid=(tg, L, B), threadgroup=(tg, 1, 1),
         output_shapes=[(B, L, k)], output_dtypes=[mx.int32],
     )

@@ -247,6 +247,15 @@ def constant(value: float | int | tuple, dtype) -> mx.array:
     return a
 
 
+def int_inputs(*values: int | mx.array) -> mx.array:
+    """The int32 vector of `values`: Python ints, or int scalar arrays where a compiled decode step computes a
+    position (compiled_step.py), so that one trace serves every position."""
+    if all(isinstance(v, int) for v in values):
+        return mx.array(values, dtype=mx.int32)
+    return mx.concatenate([v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else mx.array([v], mx.int32)
+                           for v in values])
+
+
 @functools.lru_cache(maxsize=4096)
 def _template(name: str, given: tuple) -> tuple:
     """KernelSpec.template_args, once per distinct template (a decode step launches ~2,400 kernels with a

@@ -79,8 +79,8 @@ def _kernel_ok(x, freqs, pos0, step, dtype) -> bool:
     L = x.shape[1]
     out = x.dtype if dtype is None else dtype
     last = pos0 + max(L - 1, 0) * step
-    return (x.dtype in KERNEL_DTYPES and out in KERNEL_DTYPES and x.shape[-1] <= MAX_D
-            and -(2**31) <= min(pos0, last) and max(pos0, last) < 2**31)
+    fits = isinstance(pos0, mx.array) or (-(2**31) <= min(pos0, last) and max(pos0, last) < 2**31)
+    return x.dtype in KERNEL_DTYPES and out in KERNEL_DTYPES and x.shape[-1] <= MAX_D and fits
 
 
 def launch_geometry(rows: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -106,7 +106,7 @@ def _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dt
     if rows == 0:
         return mx.zeros(x.shape, dtype=T)
     grid, tg = launch_geometry(rows)
-    pos = mx.array([pos0, step], dtype=mx.int32)
+    pos = registry.int_inputs(pos0, step)
     if freqs is None:  # no RoPE (R = 0): the kernel never reads inv_freq
         freqs = registry.placeholder((8,), mx.float32)
     w = freqs if weight is None else weight  # never read without a weight

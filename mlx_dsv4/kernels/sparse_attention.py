@@ -63,7 +63,7 @@ def sparse_attention_reference(q, window, win_start, comp, comp_idx, sink, start
         t0, t1 = start + s, start + e - 1  # the block's first and last query positions
         t = mx.arange(t0, t1 + 1)[:, None]  # [Lb, 1]
         # Window rows that any query of this block can see.
-        lo = max(0, t0 - window_size + 1 - win_start)
+        lo = max(0, t0 - window_size + 1 - win_start, -win_start)  # rows before position 0 are padding
         hi = min(W, t1 + 1 - win_start)
         wk = window[:, lo:hi].astype(mx.float32)  # [B, Wb, D]
         # A mask every query passes everywhere (a decode step's, always) is left out: where(True, v, -inf) is v,
@@ -176,7 +176,7 @@ def _launch(form, q, window, win_start, comp, comp_idx, sink, start, ratio, wind
     csa = comp_idx is not None
     idx = comp_idx.astype(mx.int32) if csa else registry.placeholder((1, 1, 8), mx.int32)
     ht = _head_tile(H, D, B * L if form == "decode" else None)
-    pos = mx.array([start, win_start, n], dtype=mx.int32)
+    pos = registry.int_inputs(start, win_start, n)
     tile = 1 if form == "decode" else QUERY_TILE
     grid = (32 * (SIMD_GROUPS if form == "decode" else QUERY_TILE), -(-H // ht), B * -(-L // tile))
     (out,) = registry.launch(
