@@ -16,10 +16,11 @@ from .cache import LayerCache
 from .compressor import Compressor
 from .config import ModelArgs
 from .indexer import Indexer
-from .kernels.sparse_attention import rows_attention, sparse_attention
+from .kernels.sparse_attention import kernel_supported, rows_attention, sparse_attention, sparse_attention_decode
 from .kernels import registry
 from .kernels.rows_finish import rows_finish
 from .norm import RMSNorm
+from .ring_cache import RingCache
 from .rope import cos_sin, inv_freq, table
 
 
@@ -75,7 +76,9 @@ class Attention(nn.Module):
         qr = rows_finish(self.wq_a(x), None, 0, norm=True, weight=self.q_norm.weight, eps=self.q_norm.eps)
         q, kv = self.wq_b(qr).reshape(B, L, self.n_heads, a.head_dim), self.wkv(x)
         rows = getattr(cache, "rows", None)
-        if rows is None:
+        if isinstance(cache, RingCache):
+            o = self.attend_ring(x, qr, q, kv, cache, simulate)
+        elif rows is None:
             o = self.attend(x, qr, q, kv, cache, simulate)
         else:
             if len(rows) != B:
@@ -215,3 +218,49 @@ class Attention(nn.Module):
         cache.push_window(kv)
         cache.offset += L
         return o if finished else rows_finish(o, fr, start, inverse=True, cs=cs)
+
+    def attend_ring(self, x: mx.array, qr: mx.array, q: mx.array, kv: mx.array, cache: RingCache,
+                    simulate: bool) -> mx.array:
+        """`attend` for one token over a RingCache at its array position cache.pos (compiled_step.py): the same
+        values from fixed-size buffers, the rows past what the query sees masked (the kernels take the position
+        as an input array)."""
+        a = self.args
+        if x.shape[1] != 1:
+            raise ValueError(f"a ring cache takes one token per step, got {x.shape[1]}")
+        D, fr, pos, m = a.head_dim, self._freqs, cache.pos, self.ratio
+        nope_fp8 = D - a.rope_head_dim if simulate else 0
+        cs = table(fr, pos, 1)  # the reference's angles for q, kv and the output
+        q = rows_finish(q, fr, pos, norm=True, eps=a.norm_eps, cs=cs)
+        kv = rows_finish(kv, fr, pos, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps, fp8_nope=nope_fp8,
+                         cs=cs)
+        win, ws = cache.push_window(kv)
+        store = ids = None
+        if m:
+            comp, arr = self.compressor, cache.arrays
+            c, arr["comp_a"], arr["comp_g"] = comp.pool_ring(x, pos, arr["comp_a"], arr["comp_g"])
+            j = pos // m
+            cache.write("comp", rows_finish(c, fr, j * m, m, norm=True, weight=comp.norm.weight, eps=comp.norm.eps,
+                                            fp8_nope=nope_fp8, dtype=x.dtype), j)
+            store = cache.store("comp")
+            if m == 4:
+                ids = self.indexer.select_ring(x, qr, cache, fr, simulate, a.index_topk)  # [B, 1, k]
+        if registry.use_kernels() and kernel_supported(q, win, store):
+            o = sparse_attention_decode(q, win, ws, store, ids, self.attn_sink, pos, m or 1, a.window_size, D ** -0.5)
+        else:
+            o = self._ring_reference(q, win, ws, store, ids, pos)
+        return rows_finish(o, fr, pos, inverse=True, cs=cs)
+
+    def _ring_reference(self, q, win, ws, store, ids, pos) -> mx.array:
+        """The decode kernel's attention in the reference's ops: every window row and compressed entry (HCA) or
+        selected one (CSA) as a key, masked unless the query at pos sees it."""
+        B, W = win.shape[0], self.args.window_size
+        p = ws + mx.arange(win.shape[1])
+        keys, masks = [win], [mx.broadcast_to((p >= 0) & (p > pos - W), (B, win.shape[1]))]
+        if ids is not None:
+            keys.append(store.take(mx.maximum(ids, 0))[:, 0])
+            masks.append(ids[:, 0] >= 0)
+        elif store is not None:
+            keys.append(store.view())
+            masks.append(mx.broadcast_to(mx.arange(store.n) < (pos + 1) // self.ratio, (B, store.n)))
+        mask = mx.concatenate(masks, axis=1)[:, None]
+        return rows_attention(q, mx.concatenate(keys, axis=1), mask, self.attn_sink, self.args.head_dim ** -0.5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .cache import CompressorState
 from .kernels.compressor_pool import compressor_pool
@@ -111,6 +112,25 @@ class Compressor(nn.Module):
         cols = list(zip(*wins))[: 4 if self.overlap else 2]
         parts = [mx.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in cols]
         return compressor_pool(*parts, *([] if self.overlap else [None, None]), self.overlap), done
+
+    def pool_ring(self, x: mx.array, pos: mx.array, ra: mx.array, rg: mx.array):
+        """One token x [B, 1, dim] at position `pos` (an array) into the ring (ra, rg) of the last window's rows
+        (two windows with the overlap; ring_cache.py), and the pooling of its window as it stands: complete
+        when pos is the window's last position, else a finite placeholder. Returns (entry [B, 1, out_dim]
+        float32 before post-processing, ra, rg)."""
+        m, D = self.ratio, self.out_dim
+        size = ra.shape[1]
+        a, g = self.project(x, pos.reshape(1, 1))
+        slot = (pos % size).reshape(1)
+        ra, rg = mx.slice_update(ra, a, slot, axes=(1,)), mx.slice_update(rg, g, slot, axes=(1,))
+        if not self.overlap:  # the ring is the window
+            return compressor_pool(ra[:, None], rg[:, None], None, None, False), ra, rg
+        # this window's half, then the previous window's first halves (before the first window: a = 0, g = -inf)
+        j = pos // m
+        halves = ((j % 2) * m + mx.array(np.arange(2 * m, dtype=np.int32))) % (2 * m)
+        wa, wg = ra[:, halves], rg[:, halves]
+        prev = (mx.where(j > 0, wa[:, m:, :D], 0.0), mx.where(j > 0, wg[:, m:, :D], -mx.inf))
+        return compressor_pool(wa[:, None, :m], wg[:, None, :m], *prev, True), ra, rg
 
     def __call__(self, x, start, state, freqs, dtype, fp8_nope: int) -> mx.array:
         """Pooled, normalised, rotated (RoPE at the window's first position j * ratio) entries

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
-from . import evaluator
+from . import compiled_step, evaluator
 from .prompt_cache import load_prompt_cache, save_prompt_cache  # noqa: F401  (re-exported)
 from .sampling import SamplingParams
 from .speculative import Distribution, Emitted, Speculator, prefill_with_streams, processed_logprobs
@@ -213,12 +213,19 @@ class PlainDecoder:
     (on the CPU through evaluator.Evaluator, elsewhere with mx.async_eval as mlx-lm does). A stream
     that stops early has then fed one token too many: close() rolls every layer cache back by that
     step (LayerCache.rollback), so the cache contract holds. ahead=False is the previous loop (build,
-    evaluate, read, then build the next step)."""
+    evaluate, read, then build the next step).
+
+    compiled=True (where compiled_step.supported; default: compiled_step.wanted) runs each step as one
+    compiled graph over ring caches made from `cache` at the first round; close() writes them back into
+    `cache`, which until then keeps the prefilled state."""
 
     def __init__(self, model, cache: list, sampler: Callable, processors: list[Callable], history: mx.array | None,
-                 ahead: bool | None = None):
+                 ahead: bool | None = None, compiled: bool | None = None):
         self.model, self.cache, self.sampler, self.processors, self.history = model, cache, sampler, processors, history
         self.ahead = PIPELINE if ahead is None else ahead
+        self._compile = (compiled_step.wanted(model, cache) if compiled is None
+                         else compiled and compiled_step.supported(model, cache))
+        self._compiled = None  # the CompiledDecode, from the first round on
         self._ev = evaluator.for_this_thread() if self.ahead and not model.evaluates_inside else None
         if self._ev is not None:  # what the worker evaluates may not reach back into this thread's lazy graphs
             self._ev.adopt(model.parameters(), [c.state for c in cache], history)
@@ -228,7 +235,10 @@ class PlainDecoder:
     def build(self, fed: mx.array) -> tuple[mx.array, mx.array]:
         """The graph of the step feeding `fed` [1, 1] (lazy or not): (token [1], logprobs [V]).
         Nothing in it may synchronise (tests/test_decode_pipeline.py checks): that would stall the pipeline."""
-        logits = self.model(fed, cache=self.cache, last_only=True)[:, -1, :]
+        if self._compiled is not None:
+            logits = self._compiled(fed)
+        else:
+            logits = self.model(fed, cache=self.cache, last_only=True)[:, -1, :]
         logprobs = processed_logprobs(logits, self.processors, self.history)
         return self.sampler(logprobs), logprobs[0]
 
@@ -237,7 +247,7 @@ class PlainDecoder:
         y, lp = self.build(fed)
         # the cache too: states not read by this token's logits would otherwise stay lazy for
         # up to `ratio` steps, holding every intermediate activation alive
-        states = [c.state for c in self.cache]
+        states = self._compiled.arrays if self._compiled is not None else [c.state for c in self.cache]
         if self._ev is not None:
             self._ev.submit(y, lp, states)
         else:
@@ -245,6 +255,9 @@ class PlainDecoder:
         return y, lp
 
     def next_round(self, last: int, budget: int) -> list[Emitted]:
+        if self._compile and self._compiled is None:  # made and evaluated here: this thread's stream
+            self._compiled = compiled_step.CompiledDecode(self.model, self.cache, budget)
+            mx.eval(self._compiled.arrays)
         with mx.stream(self._ev.stream) if self._ev is not None else contextlib.nullcontext():
             if self._next is None:
                 y, lp = self._step(mx.array([[last]]))
@@ -252,7 +265,7 @@ class PlainDecoder:
                 y, lp, _ = self._next
                 self._next = None
             if self.ahead and budget > 1:  # the next step goes in before this token is read
-                ck = [c.checkpoint() for c in self.cache]
+                ck = None if self._compiled is not None else [c.checkpoint() for c in self.cache]
                 if self.history is not None:
                     self.history = mx.concatenate([self.history, y.reshape(1).astype(self.history.dtype)])
                 self._next = (*self._step(y.reshape(1, 1)), ck)
@@ -269,12 +282,14 @@ class PlainDecoder:
         """End of stream: drop the step fed ahead, if any (its token was never emitted)."""
         if self._ev is not None:
             self._ev.wait()
-        if self._next is not None:
-            *_, ck = self._next
-            self._next = None
-            for c, s in zip(self.cache, ck):
+        ahead, self._next = self._next, None
+        if self._compiled is not None:
+            self._compiled.write_back(self.cache, drop=int(ahead is not None))
+            self._compiled = None
+        elif ahead is not None:
+            for c, s in zip(self.cache, ahead[-1]):
                 c.rollback(s, 0)
-            mx.eval([c.state for c in self.cache])
+        mx.eval([c.state for c in self.cache])
 
 
 # Read-backs (the sampled token's log-probability, the top ones) run on their own stream: on the

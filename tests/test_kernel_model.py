@@ -34,6 +34,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 from tinymodels import mlx_model, rel_err, tokens
 
 from mlx_dsv4 import indexer
+from mlx_dsv4.compiled_step import CompiledDecode
 from mlx_dsv4.kernels import moe_router as router, registry
 from mlx_dsv4.kernels.registry import available_kernels, load_spec
 from mlx_dsv4.kernels.sim import kernels_on_cpu
@@ -93,6 +94,17 @@ def _run(m, toks):
     return np.concatenate([np.array(o) for o in outs], axis=1)
 
 
+def _run_ring(m, toks):
+    """_run with the decode steps through the ring caches of the compiled decode step (compiled_step.py), run
+    eagerly: the harness executes each launch on concrete inputs, which a trace does not have."""
+    cache = m.make_cache()
+    outs = [m(mx.array(toks[:, :PREFILL]), cache)]
+    cd = CompiledDecode(m, cache, DECODE, compiled=False)
+    outs += [cd(mx.array(toks[:, i : i + 1]))[:, None] for i in range(PREFILL, toks.shape[1])]
+    mx.eval(outs)
+    return np.concatenate([np.array(o) for o in outs], axis=1)
+
+
 @pytest.fixture(scope="module")
 def reference(model):
     mp = pytest.MonkeyPatch()
@@ -122,6 +134,20 @@ def test_every_kernel_through_the_harness_matches_the_reference(model, reference
     assert calls["sparse_attention_decode"] == 5 * DECODE and calls["experts_gate_up"] == 5 * DECODE
     assert rel_err(out, ref) <= tolerance(model)
     assert rel_err(out[:, PREFILL:], ref[:, PREFILL:]) <= tolerance(model)  # the decode steps on their own
+
+
+@needs_cxx
+def test_ring_decode_through_the_harness_matches_the_reference(model, reference, monkeypatch):
+    """The compiled step's decode (ring caches, the position an input array of every kernel) with every kernel
+    through the harness, against the reference path's plain decode."""
+    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
+    toks, ref, sel = reference
+    sel.start_replay()
+    with kernels_on_cpu(schedules=("forward",)) as calls:
+        out = _run_ring(model, toks)
+    assert sel.at == len(sel.log) and sel.differ <= 0.01 * sel.rows, (sel.differ, sel.rows)
+    assert calls["sparse_attention_decode"] == 5 * DECODE and calls["indexer_topk"] >= 2 * DECODE
+    assert rel_err(out[:, PREFILL:], ref[:, PREFILL:]) <= tolerance(model)
 
 
 @needs_cxx

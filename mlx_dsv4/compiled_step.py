@@ -1,0 +1,116 @@
+"""The whole decode step as one compiled graph: what keeps the host's graph building per token small.
+
+Eagerly, a Flash-schedule decode step is some 25,000 Python calls building ~10,000 graph nodes, every
+step again (~35-45 ms of host time on a 2-core x86 VM, README "Host time per decode step"). Compiled
+once, the step replays its recorded graph. That needs a step whose graph does not change with the
+position: the caches become RingCaches (ring_cache.py, fixed-size buffers) and the position an array.
+A new capacity (the cache outgrew its buffers) traces once more.
+
+It is the default where the model's kernels run (Metal): there the ring caches cost the device little.
+On the CPU's reference path they cost more than they save (each step pools every compressor's window so
+far, ~2 ms per HCA layer on a 2-core x86 VM, where the eager path pools a window once, when it completes)
+and the evaluator thread already hides the host's building behind the evaluation, so the eager path stays
+the default there. MLX_DSV4_COMPILE=1 / 0 turns it on / off everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import mlx.core as mx
+
+from .cache import LayerCache
+from .kernels import fuse, registry
+from .ring_cache import SPARE, RingCache
+
+ENV = "MLX_DSV4_COMPILE"
+SMALLEST = 4096  # capacities (tokens) run SMALLEST, x 1.5, x 4/3, x 1.5, ...: requests of similar lengths share a
+# trace, and the whole capacity (which a step's indexer scores) stays within 1.5x of the need
+_TRACES: dict = {}  # (id(model), stream, kernels, fusing, layers' meta) -> the compiled step
+
+
+def supported(model, cache: list) -> bool:
+    """Whether `cache` of `model` can decode through a compiled step: one process holding the whole model
+    (no streamed experts or ranks, whose steps evaluate on their way) and plain LayerCaches."""
+    return not model.evaluates_inside and bool(cache) and all(type(c) is LayerCache for c in cache)
+
+
+def wanted(model, cache: list) -> bool:
+    """Whether plain decoding takes the compiled step (see the module docstring for the default)."""
+    env = os.environ.get(ENV)
+    return (registry.use_kernels() if env is None else env != "0") and supported(model, cache)
+
+
+def _step(model, rings: list[RingCache]):
+    """The decode step over ring caches laid out as `rings`, as a function of arrays only."""
+    templates = [RingCache(r.ratio, r.window_size, r.stores, {}) for r in rings]  # no arrays kept alive
+    ref = weakref.ref(model)  # neither: a trace lives as long as its model
+
+    def step(tokens: mx.array, pos: mx.array, arrays: list[dict]):
+        caches = [t.with_arrays(a, pos) for t, a in zip(templates, arrays)]
+        logits = ref()(tokens, cache=caches, last_only=True)[:, -1, :]
+        return logits, [c.arrays for c in caches]
+
+    return step
+
+
+def _traced(model, rings: list[RingCache]):
+    """The compiled step for this model, stream and cache layout (one per thread: a trace records its stream)."""
+    key = (id(model), str(mx.default_stream(mx.default_device())), registry.use_kernels(), fuse.enabled(),
+           tuple(r.meta for r in rings))  # what the trace baked in
+    fn = _TRACES.get(key)
+    if fn is None:
+        fn = _TRACES[key] = mx.compile(_step(model, rings))
+        weakref.finalize(model, _TRACES.pop, key, None)
+    return fn
+
+
+class CompiledDecode:
+    """Decodes one token per call through a compiled step over RingCaches made from `cache` (LayerCaches at
+    a common offset); `write_back` makes those LayerCaches what plain decoding would have left."""
+
+    def __init__(self, model, cache: list[LayerCache], tokens: int, compiled: bool = True):
+        """tokens: how many steps are expected (the capacity grows past it if need be). compiled=False runs the
+        same step eagerly (what the Metal kernels' CPU harness can execute)."""
+        self.model, self.pos, self.compiled = model, cache[0].offset, compiled
+        self.rings = self._rings(cache, self._room(tokens))
+
+    def _room(self, tokens: int) -> int:
+        """The capacity for `tokens` more steps (at most a quarter of the context so far, or SMALLEST, at a time):
+        the first rung of the ladder that holds them, never past the model's context."""
+        need = self.pos + SPARE + min(tokens, max(SMALLEST, self.pos // 4))
+        cap = SMALLEST
+        while cap < need:
+            cap = cap * 3 // 2 if cap & (cap - 1) == 0 else cap * 4 // 3
+        return min(cap, -(-(self.model.args.max_position_embeddings + SPARE + 1) // 256) * 256)
+
+    def _rings(self, cache: list[LayerCache], cap: int) -> list[RingCache]:
+        a, e = self.model.args, self.model.embed
+        dtype = (e.scales if "scales" in e else e.weight).dtype  # the model's (a quantized table's are uint32)
+        return [RingCache.from_layer(c, cap, dtype, a.head_dim, a.index_head_dim) for c in cache]
+
+    @property
+    def arrays(self) -> list[dict]:
+        """Everything the caches hold: what to evaluate with a step."""
+        return [r.arrays for r in self.rings]
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        """Feed tokens [B, 1] at the current position -> logits [B, vocab] (lazy)."""
+        if self.pos + 1 > min(r.capacity for r in self.rings):  # outgrown: more room, through LayerCaches
+            lcs = [LayerCache(r.ratio, r.window_size) for r in self.rings]
+            self.write_back(lcs)
+            self.rings = self._rings(lcs, self._room(1 << 62))
+        if tokens.dtype != mx.int32:  # one trace for every token source (prompt ids, an argmax's uint32)
+            tokens = tokens.astype(mx.int32)
+        step = _traced(self.model, self.rings) if self.compiled else _step(self.model, self.rings)
+        logits, arrays = step(tokens, mx.array(self.pos, mx.int32), self.arrays)
+        for r, a in zip(self.rings, arrays):
+            r.arrays = a
+        self.pos += 1
+        return logits
+
+    def write_back(self, cache: list[LayerCache], drop: int = 0) -> None:
+        """Make `cache` what plain decoding leaves after all steps but the last `drop` (<= SPARE)."""
+        for r, c in zip(self.rings, cache):
+            r.to_layer(c, self.pos - drop, self.pos)
