@@ -18,15 +18,20 @@ Per decode step it reports
   not pipelined: fused pieces, build / evaluate / read;
   async_eval: pipelined as mlx-lm does (the next step submitted with mx.async_eval before the read);
   now: pipelined through evaluator.Evaluator's worker thread, the default on the CPU;
+  compiled: as now, each step one compiled graph over ring caches (compiled_step.py; the default where the
+    kernels run, forced here);
 - graph nodes of one step with the fused pieces off and on (views included: each is scheduled);
 - host ms with kernel dispatch (what a Mac builds): each kernel call is a stand-in (one node), as in
   benchmarks/launch_count.py, since Metal kernels cannot run here; graph nodes counted both ways.
+- the compiled step's host ms (calling it: its graph replayed, nothing evaluated) and eval ms, on the
+  reference path and with kernel dispatch (stand-ins), and its graph nodes (views included) both ways.
 All loops must emit the same tokens: the script checks it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -40,7 +45,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from launch_count import VIEWS, _count, kernels_counted  # noqa: E402
 
 from mlx_dsv4 import evaluator  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
 from mlx_dsv4.bench import load_bench_model, loaded_blas, machine  # noqa: E402
+from mlx_dsv4.compiled_step import CompiledDecode  # noqa: E402
 from mlx_dsv4.generate import PlainDecoder  # noqa: E402
 from mlx_dsv4.kernels import fuse  # noqa: E402
 
@@ -76,20 +84,21 @@ def split_times(model, cache, first: int, steps: int) -> tuple[list[float], list
     return host, ev, toks
 
 
-LOOPS = {  # name: (fused pieces, pipelined, evaluator thread)
-    "previous": (False, False, False),  # the loop before this work: build, evaluate, read, repeat
-    "not pipelined": (True, False, False),
-    "async_eval": (True, True, False),  # pipelined as mlx-lm does it
-    "now": (True, True, True),  # pipelined through the evaluator thread (the default on the CPU)
+LOOPS = {  # name: (fused pieces, pipelined, evaluator thread, compiled step)
+    "previous": (False, False, False, False),  # the loop before this work: build, evaluate, read, repeat
+    "not pipelined": (True, False, False, False),
+    "async_eval": (True, True, False, False),  # pipelined as mlx-lm does it
+    "now": (True, True, True, False),  # pipelined through the evaluator thread (the default on the CPU)
+    "compiled": (True, True, True, True),  # and each step one compiled graph (the default on Metal)
 }
 
 
 def decode(model, cache, first: int, steps: int, loop: str) -> tuple[float, list[int]]:
     """Wall ms per token and the tokens, through the generation loop's own decoder."""
-    fused, ahead, thread = LOOPS[loop]
+    fused, ahead, thread, compiled = LOOPS[loop]
     fuse.set_enabled(fused)
     evaluator.set_enabled(thread)
-    dec = PlainDecoder(model, cache, greedy, [], None, ahead=ahead)
+    dec = PlainDecoder(model, cache, greedy, [], None, ahead=ahead, compiled=compiled)
     last, toks = first, []
     t0 = time.perf_counter()
     for n in range(steps):
@@ -117,6 +126,32 @@ def kernel_host(model, cache, first: int, steps: int) -> tuple[list[float], int,
             mx.eval(out, [x.state for x in c])  # stand-ins evaluate to zeros: only the host time matters
         ker = _nodes(build(model, snapshot(cache), mx.array([[first]])))
     return host, ref, ker
+
+
+def compiled_times(model, cache, first: int, steps: int, kernels: bool) -> tuple[list[float], list[float], tuple]:
+    """(host ms, eval ms) per step of the compiled step (traced before timing), and its graph nodes (with views,
+    without).
+    kernels: with kernel dispatch (stand-ins; their eval time means nothing)."""
+    with kernels_counted() if kernels else contextlib.nullcontext():
+        cd = CompiledDecode(model, snapshot(cache), steps + 2)
+        mx.eval(cd.arrays)
+        tok = mx.array([[first]])
+        for i in range(2):  # the trace, then one replay (counted)
+            y = cd(tok)
+            if i:
+                outs = [y] + [v for a in cd.arrays for _, v in tree_flatten(a)]
+                nodes = _nodes(outs, views=True), _nodes(outs)
+            mx.eval(y, cd.arrays)
+        host, ev = [], []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            y = cd(tok)
+            t1 = time.perf_counter()
+            mx.eval(y, cd.arrays)
+            host.append(1e3 * (t1 - t0))
+            ev.append(1e3 * (time.perf_counter() - t1))
+            tok = mx.argmax(y, axis=-1)[:, None]
+    return host, ev, nodes
 
 
 def _nodes(outs, views: bool = False) -> int:
@@ -155,6 +190,7 @@ def main(argv=None):
         host_old, ev_old, _ = split_times(model, snapshot(cache), first, a.steps)
         fuse.set_enabled(True)
         host, ev, ref_toks = split_times(model, snapshot(cache), first, a.steps)
+        decode(model, snapshot(cache), first, 2, "compiled")  # its trace (one per capacity), not timed
         wall, same = {k: [] for k in LOOPS}, True
         for _ in range(a.rounds):
             for k in LOOPS:
@@ -163,25 +199,41 @@ def main(argv=None):
                 same &= t == ref_toks
         khost, nref, nker = kernel_host(model, cache, first, a.steps)
         n_old, n_new = step_nodes(model, cache, first, False), step_nodes(model, cache, first, True)
+        chost, cev, cnodes = compiled_times(model, cache, first, a.steps, False)
+        ckhost, _, cknodes = compiled_times(model, cache, first, a.steps, True)
         ratio = lambda a, b: statistics.median(x / y for x, y in zip(wall[a], wall[b]))  # noqa: E731
         r = dict(ctx=ctx, n_old=n_old, n_new=n_new, host_old=statistics.median(host_old),
                  eval_old=statistics.median(ev_old), host=statistics.median(host), eval=statistics.median(ev),
                  wall={k: statistics.median(v) for k, v in wall.items()}, speedup=ratio("previous", "now"),
-                 overlap=ratio("async_eval", "now"), khost=statistics.median(khost), nref=nref, nker=nker, same=same)
+                 overlap=ratio("async_eval", "now"), khost=statistics.median(khost), nref=nref, nker=nker, same=same,
+                 chost=statistics.median(chost), cev=statistics.median(cev), ckhost=statistics.median(ckhost),
+                 cnodes=cnodes, cknodes=cknodes, compiled=ratio("now", "compiled"))
         rows.append(r)
         print(f"context {ctx}: host {r['host_old']:.1f} -> {r['host']:.1f} ms, eval {r['eval_old']:.1f} -> "
               f"{r['eval']:.1f} ms (unfused -> fused), nodes {n_old} unfused / {n_new} fused; wall ms per token "
-              f"per round: {({k: [round(x, 1) for x in v] for k, v in wall.items()})}; same tokens: {same}", flush=True)
+              f"per round: {({k: [round(x, 1) for x in v] for k, v in wall.items()})}; same tokens: {same}; compiled "
+              f"step: host {r['chost']:.1f} ms (kernel dispatch {r['ckhost']:.1f}), eval {r['cev']:.1f} ms, nodes "
+              f"{cnodes} ({cknodes} with kernels) with / without views", flush=True)
     print("\n| context | host build ms, unfused -> fused (reference) | host build ms (kernel dispatch) "
           "| graph nodes ref / kernels | step nodes unfused / fused | eval ms, unfused -> fused "
           + "".join(f"| wall ms/token, {k} " for k in LOOPS)
           + "| speed-up, now / previous | now / async_eval | same tokens |")
     print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(LOOPS) + "---:|---:|---|")
+    rows_c = []
     for r in rows:
         print(f"| {r['ctx']:,} | {r['host_old']:.1f} -> {r['host']:.1f} | {r['khost']:.1f} | {r['nref']} / {r['nker']} "
               f"| {r['n_old']:,} / {r['n_new']:,} | {r['eval_old']:.1f} -> {r['eval']:.1f} "
               + "".join(f"| {r['wall'][k]:.1f} " for k in LOOPS)
               + f"| {r['speedup']:.2f}x | {r['overlap']:.2f}x | {r['same']} |")
+        rows_c.append(f"| {r['ctx']:,} | {r['host']:.1f} -> {r['chost']:.1f} | {r['khost']:.1f} -> {r['ckhost']:.1f} "
+                      f"| {r['n_new']:,} -> {r['cnodes'][0]:,} | {r['nker']:,} -> {r['cknodes'][1]:,} "
+                      f"| {r['eval']:.1f} -> {r['cev']:.1f} | {r['wall']['now']:.1f} -> {r['wall']['compiled']:.1f} "
+                      f"| {r['compiled']:.2f}x |")
+    print("\n| context | host ms, reference: eager -> compiled | host ms, kernel dispatch: eager -> compiled "
+          "| nodes, reference, views included | nodes, kernels, views excluded | eval ms, reference "
+          "| wall ms/token, now -> compiled | compiled / now |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows_c))
     return rows
 
 
