@@ -19,6 +19,7 @@ import os
 import weakref
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .cache import LayerCache
 from .kernels import fuse, registry
@@ -27,7 +28,7 @@ from .ring_cache import SPARE, RingCache
 ENV = "MLX_DSV4_COMPILE"
 SMALLEST = 4096  # capacities (tokens) run SMALLEST, x 1.5, x 4/3, x 1.5, ...: requests of similar lengths share a
 # trace, and the whole capacity (which a step's indexer scores) stays within 1.5x of the need
-_TRACES: dict = {}  # (id(model), stream, kernels, fusing, layers' meta) -> the compiled step
+_TRACES: dict = {}  # id(model) -> (its weights' identity, {(stream, kernels, fusing, layers' meta): compiled step})
 
 
 def supported(model, cache: list) -> bool:
@@ -56,13 +57,19 @@ def _step(model, rings: list[RingCache]):
 
 
 def _traced(model, rings: list[RingCache]):
-    """The compiled step for this model, stream and cache layout (one per thread: a trace records its stream)."""
-    key = (id(model), str(mx.default_stream(mx.default_device())), registry.use_kernels(), fuse.enabled(),
-           tuple(r.meta for r in rings))  # what the trace baked in
-    fn = _TRACES.get(key)
+    """The compiled step for this model, its weights, the stream and the cache layout: what a trace bakes in (its
+    stream: one per thread; the weight arrays as constants: a model given new ones is traced anew)."""
+    weights = hash(tuple(id(v) for _, v in tree_flatten(model.parameters())))
+    held = _TRACES.get(id(model))
+    if held is None or held[0] != weights:  # new weights: the old traces (and the arrays they hold) go
+        if held is None:
+            weakref.finalize(model, _TRACES.pop, id(model), None)
+        held = _TRACES[id(model)] = (weights, {})
+    key = (str(mx.default_stream(mx.default_device())), registry.use_kernels(), fuse.enabled(),
+           tuple(r.meta for r in rings))
+    fn = held[1].get(key)
     if fn is None:
-        fn = _TRACES[key] = mx.compile(_step(model, rings))
-        weakref.finalize(model, _TRACES.pop, key, None)
+        fn = held[1][key] = mx.compile(_step(model, rings))
     return fn
 
 
@@ -74,7 +81,7 @@ class CompiledDecode:
         """tokens: how many steps are expected (the capacity grows past it if need be). compiled=False runs the
         same step eagerly (what the Metal kernels' CPU harness can execute)."""
         self.model, self.pos, self.compiled = model, cache[0].offset, compiled
-        self.rings = self._rings(cache, self._room(tokens))
+        self._set_rings(cache, self._room(tokens))
 
     def _room(self, tokens: int) -> int:
         """The capacity for `tokens` more steps (at most a quarter of the context so far, or SMALLEST, at a time):
@@ -85,10 +92,12 @@ class CompiledDecode:
             cap = cap * 3 // 2 if cap & (cap - 1) == 0 else cap * 4 // 3
         return min(cap, -(-(self.model.args.max_position_embeddings + SPARE + 1) // 256) * 256)
 
-    def _rings(self, cache: list[LayerCache], cap: int) -> list[RingCache]:
+    def _set_rings(self, cache: list[LayerCache], cap: int) -> None:
+        """Ring caches of capacity `cap` from `cache`, and the step that runs over them."""
         a, e = self.model.args, self.model.embed
         dtype = (e.scales if "scales" in e else e.weight).dtype  # the model's (a quantized table's are uint32)
-        return [RingCache.from_layer(c, cap, dtype, a.head_dim, a.index_head_dim) for c in cache]
+        self.rings = [RingCache.from_layer(c, cap, dtype, a.head_dim, a.index_head_dim) for c in cache]
+        self._step = _traced(self.model, self.rings) if self.compiled else _step(self.model, self.rings)
 
     @property
     def arrays(self) -> list[dict]:
@@ -100,11 +109,10 @@ class CompiledDecode:
         if self.pos + 1 > min(r.capacity for r in self.rings):  # outgrown: more room, through LayerCaches
             lcs = [LayerCache(r.ratio, r.window_size) for r in self.rings]
             self.write_back(lcs)
-            self.rings = self._rings(lcs, self._room(1 << 62))
+            self._set_rings(lcs, self._room(1 << 62))
         if tokens.dtype != mx.int32:  # one trace for every token source (prompt ids, an argmax's uint32)
             tokens = tokens.astype(mx.int32)
-        step = _traced(self.model, self.rings) if self.compiled else _step(self.model, self.rings)
-        logits, arrays = step(tokens, mx.array(self.pos, mx.int32), self.arrays)
+        logits, arrays = self._step(tokens, mx.array(self.pos, mx.int32), self.arrays)
         for r, a in zip(self.rings, arrays):
             r.arrays = a
         self.pos += 1

@@ -131,12 +131,13 @@ def decode(model, cache, steps: int, compiled=None):
 
 @pytest.mark.parametrize("simulate", [False, True], ids=["sim_off", "sim_on"])
 def test_capacity_grows_and_batch_rows_share_the_position(simulate, monkeypatch):
-    """Made for 1 step, run for 300 (capacity 256 -> 768 on a ladder from 256: traced again), batch of 2."""
-    monkeypatch.setattr(compiled_step, "SMALLEST", 256)
+    """Made for 1 step, run for 150 past the 128-row window and the first HCA entry (capacity 128 -> 384 on a
+    ladder from 128: traced again), batch of 2."""
+    monkeypatch.setattr(compiled_step, "SMALLEST", 128)
     model = mlx_model("flash", simulate_qat=simulate)
     tol = TOL_SIM if simulate else TOL
     ref_cache, cache = prefilled(model, 30, batch=2), prefilled(model, 30, batch=2)
-    ref, got = decode(model, ref_cache, 300), decode(model, cache, 300, compiled=True)
+    ref, got = decode(model, ref_cache, 150), decode(model, cache, 150, compiled=True)
     assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
     assert same_state(flat_state(ref_cache), flat_state(cache), tol) == []
 
@@ -170,6 +171,16 @@ def test_one_trace_for_every_step_and_no_evaluation_inside(monkeypatch):
     y1 = cd(mx.array(tokens(1)))
     y2 = cd(mx.argmax(y1, axis=-1)[:, None])
     assert _argmax_nodes(y2) == 1  # step 1's argmax, still lazy under step 2
+
+
+def test_a_model_given_new_weights_is_traced_anew():
+    """A trace holds the weight arrays it was made with: after model.update the step must use the new ones."""
+    model = mlx_model("flash")
+    decode(model, prefilled(model, 20), 3, compiled=True)
+    model.update({"head": {"weight": model.head.weight * 2}})
+    ref = decode(model, prefilled(model, 20), 3)
+    got = decode(model, prefilled(model, 20), 3, compiled=True)
+    assert np.abs(got - ref).max() <= TOL * np.abs(ref).max()
 
 
 def _argmax_nodes(y) -> int:
