@@ -43,6 +43,11 @@ def wanted(model, cache: list) -> bool:
     return (registry.use_kernels() if env is None else env != "0") and supported(model, cache)
 
 
+def forced() -> bool:
+    """MLX_DSV4_COMPILE=1: a compiled step that fails raises instead of giving way to the eager one."""
+    return os.environ.get(ENV) == "1"
+
+
 def _step(model, rings: list[RingCache]):
     """The decode step over ring caches laid out as `rings`, as a function of arrays only."""
     templates = [RingCache(r.ratio, r.window_size, r.stores, {}) for r in rings]  # no arrays kept alive

@@ -9,6 +9,7 @@ knows the tokens can keep using the cache.
 from __future__ import annotations
 
 import contextlib
+import logging
 import numbers
 import threading
 import time
@@ -202,6 +203,7 @@ def keyed_sampler(temperature: float, top_p: float, min_p: float, top_k: int, se
     return draw
 
 
+log = logging.getLogger("mlx_dsv4")
 PIPELINE = True  # PlainDecoder's and Speculator's default: submit work before reading back what it yields
 
 
@@ -225,6 +227,7 @@ class PlainDecoder:
         self.ahead = PIPELINE if ahead is None else ahead
         self._compile = (compiled_step.wanted(model, cache) if compiled is None
                          else compiled and compiled_step.supported(model, cache))
+        self._strict = compiled is True or compiled_step.forced()  # asked for: a failure is an error
         self._compiled = None  # the CompiledDecode, from the first round on
         self._ev = evaluator.for_this_thread() if self.ahead and not model.evaluates_inside else None
         if self._ev is not None:  # what the worker evaluates may not reach back into this thread's lazy graphs
@@ -235,12 +238,28 @@ class PlainDecoder:
     def build(self, fed: mx.array) -> tuple[mx.array, mx.array]:
         """The graph of the step feeding `fed` [1, 1] (lazy or not): (token [1], logprobs [V]).
         Nothing in it may synchronise (tests/test_decode_pipeline.py checks): that would stall the pipeline."""
+        logits = None
         if self._compiled is not None:
-            logits = self._compiled(fed)
-        else:
+            try:
+                logits = self._compiled(fed)
+            except Exception as e:  # a default that cannot trace here gives way to the eager step, once said
+                if self._strict:
+                    raise
+                self._give_up_compiling(e)
+        self._undo = None  # what close() needs to undo this step (a compiled one: nothing, see write_back)
+        if logits is None:
+            self._undo = [c.checkpoint() for c in self.cache]
             logits = self.model(fed, cache=self.cache, last_only=True)[:, -1, :]
         logprobs = processed_logprobs(logits, self.processors, self.history)
         return self.sampler(logprobs), logprobs[0]
+
+    def _give_up_compiling(self, error: Exception) -> None:
+        """Go on eagerly from the state the compiled steps reached (a failed call changed nothing)."""
+        first = (str(error).splitlines() or [""])[0]
+        log.warning("note: the compiled decode step failed (%s: %s); decoding eagerly (MLX_DSV4_COMPILE=0 skips "
+                    "it, =1 makes this an error)", type(error).__name__, first)
+        self._compiled.write_back(self.cache)
+        self._compiled, self._compile = None, False
 
     def _step(self, fed: mx.array) -> tuple[mx.array, mx.array]:
         """Build and submit the step feeding `fed`; nothing is read back."""
@@ -265,10 +284,9 @@ class PlainDecoder:
                 y, lp, _ = self._next
                 self._next = None
             if self.ahead and budget > 1:  # the next step goes in before this token is read
-                ck = None if self._compiled is not None else [c.checkpoint() for c in self.cache]
                 if self.history is not None:
                     self.history = mx.concatenate([self.history, y.reshape(1).astype(self.history.dtype)])
-                self._next = (*self._step(y.reshape(1, 1)), ck)
+                self._next = (*self._step(y.reshape(1, 1)), self._undo)
         if self._ev is not None:  # this token's step is done; the one fed ahead may still run
             self._ev.wait(keep=int(self._next is not None))
         self._y = y

@@ -239,3 +239,44 @@ def test_the_buffers_are_updated_in_place(hold):
     mx.eval(cd(mx.array(tokens(1))), cd.arrays)
     after = {k: _address(v) for k, v in cd.rings[2].arrays["comp"].items()}
     assert (after == before) != hold, (before, after, kept is None)
+
+
+@pytest.mark.parametrize("fail_at", [0, 5], ids=["first step", "fifth step"])
+def test_a_default_compiled_step_that_fails_gives_way_to_the_eager_one(tiny, monkeypatch, caplog, fail_at):
+    """Where it is the default (Metal, untested there), a step that cannot be traced must not end the stream:
+    decoding goes on eagerly from the state reached, says so once, and leaves what plain decoding leaves.
+    Asked for (MLX_DSV4_COMPILE=1), the failure is an error."""
+    model, tok = tiny
+    plain, _ = stream(model, tok, "0", monkeypatch, max_tokens=12)
+    stop = [tok.decode([r.token for r in plain[8:10]])]  # ends with a step fed ahead, which close() drops
+    old, old_cache = stream(model, tok, "0", monkeypatch, max_tokens=12, stop=stop)
+    calls = []
+    real = compiled_step._traced
+
+    def failing(m, rings):
+        f = real(m, rings)
+
+        def step(*a):
+            calls.append(1)
+            if len(calls) > fail_at:
+                raise RuntimeError("cannot trace this here\nsecond line")
+            return f(*a)
+        return step
+
+    monkeypatch.setattr(compiled_step, "_traced", failing)
+    monkeypatch.setattr(compiled_step, "wanted", lambda m, c: True)
+    monkeypatch.delenv(compiled_step.ENV, raising=False)
+    cache = model.make_cache()
+    with caplog.at_level("WARNING", logger="mlx_dsv4"):
+        new = list(stream_generate(model, tok, PROMPT, prompt_cache=cache, max_tokens=12, stop=stop))
+    assert [r.token for r in new] == [r.token for r in old] and new[-1].finish_reason == "stop"
+    assert len(calls) == fail_at + 1
+    assert [r.getMessage() for r in caplog.records if "compiled decode step failed" in r.getMessage()] == [
+        "note: the compiled decode step failed (RuntimeError: cannot trace this here); decoding eagerly "
+        "(MLX_DSV4_COMPILE=0 skips it, =1 makes this an error)"]
+    tol = TOL_SIM if model.simulate_qat else TOL
+    assert same_state(flat_state(old_cache), flat_state(cache), tol) == []
+    calls.clear()
+    monkeypatch.setenv(compiled_step.ENV, "1")
+    with pytest.raises(RuntimeError, match="cannot trace this here"):
+        list(stream_generate(model, tok, PROMPT, max_tokens=12))
