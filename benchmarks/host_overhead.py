@@ -1,6 +1,6 @@
 """Host time per decode step, and what pipelining (building step n + 1 while step n computes) buys.
 
-    python benchmarks/host_overhead.py [--contexts 512 2048] [--steps 8] [--rounds 3]
+    python benchmarks/host_overhead.py [--contexts 512 2048] [--steps 8] [--rounds 3] [--as-converted]
 
 Model: the bench model (mlx_dsv4.tiny.bench_hf_config: V4-Flash's 43-layer schedule, 2 sliding +
 21 CSA + 20 HCA layers in Flash's order, 3 hash-routed layers, Flash's head and indexer geometry, at
@@ -38,7 +38,9 @@ import sys
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.switch_layers import SwitchLinear
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -166,12 +168,41 @@ def step_nodes(model, cache, first: int, fused: bool) -> int:
     return n
 
 
+def converted_host(contexts: list[int], steps: int) -> list[tuple]:
+    """Host ms per step with kernel dispatch, eager and compiled, in the formats a converted checkpoint has."""
+    model = load_bench_model("bench", mx.bfloat16, simulate_qat=True)
+    nn.quantize(model, class_predicate=lambda _p, m: isinstance(m, SwitchLinear), group_size=32, bits=4, mode="mxfp4")
+    nn.quantize(model, group_size=32, bits=8, mode="mxfp8",
+                class_predicate=lambda p, m: isinstance(m, nn.Linear) and p != "head" and m.weight.shape[-1] % 32 == 0)
+    print(f"machine: {machine()}\nBLAS really loaded: {loaded_blas()}\nbench model as converted (bf16, routed experts "
+          f"mxfp4, other projections mxfp8, head bf16), simulation on; medians of {steps} steps")
+    rows = []
+    for ctx in contexts:
+        toks = np.random.default_rng(0).integers(0, model.args.vocab_size, (1, ctx)).astype(np.int32)
+        cache = model.make_cache()
+        for s in range(0, ctx, 512):
+            y = model(mx.array(toks[:, s : s + 512]), cache, last_only=True)
+            mx.eval(y, [c.state for c in cache])
+        first = int(mx.argmax(y[0, -1]).item())
+        khost, _, nker = kernel_host(model, cache, first, steps)
+        chost, _, cnodes = compiled_times(model, cache, first, steps, True)
+        rows.append((ctx, statistics.median(khost), statistics.median(chost), nker, cnodes))
+        print(f"context {ctx}: host ms with kernel dispatch, eager {rows[-1][1]:.1f} -> compiled {rows[-1][2]:.1f}; "
+              f"nodes without views {nker} eager, {cnodes[1]} compiled ({cnodes[0]} with views)", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--steps", type=int, default=8, help="decode steps per loop per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating old / pipelined rounds per context")
+    p.add_argument("--as-converted", action="store_true",
+                   help="only the host ms with kernel dispatch, eager and compiled, of the bench model in bf16 with "
+                        "the converter's formats (routed experts mxfp4, the other projections mxfp8)")
     a = p.parse_args(argv)
+    if a.as_converted:
+        return converted_host(a.contexts, a.steps)
     model = load_bench_model("bench", mx.float32, simulate_qat=True)
     print(f"machine: {machine()}")
     print(f"BLAS really loaded: {loaded_blas()}")
