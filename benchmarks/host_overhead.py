@@ -168,6 +168,16 @@ def step_nodes(model, cache, first: int, fused: bool) -> int:
     return n
 
 
+def prefilled(model, ctx: int) -> tuple[list, int]:
+    """A cache holding `ctx` random tokens (chunks of 512), and the greedy token that follows."""
+    toks = np.random.default_rng(0).integers(0, model.args.vocab_size, (1, ctx)).astype(np.int32)
+    cache = model.make_cache()
+    for s in range(0, ctx, 512):
+        y = model(mx.array(toks[:, s : s + 512]), cache, last_only=True)
+        mx.eval(y, [c.state for c in cache])
+    return cache, int(mx.argmax(y[0, -1]).item())
+
+
 def converted_host(contexts: list[int], steps: int) -> list[tuple]:
     """Host ms per step with kernel dispatch, eager and compiled, in the formats a converted checkpoint has."""
     model = load_bench_model("bench", mx.bfloat16, simulate_qat=True)
@@ -178,12 +188,7 @@ def converted_host(contexts: list[int], steps: int) -> list[tuple]:
           f"mxfp4, other projections mxfp8, head bf16), simulation on; medians of {steps} steps")
     rows = []
     for ctx in contexts:
-        toks = np.random.default_rng(0).integers(0, model.args.vocab_size, (1, ctx)).astype(np.int32)
-        cache = model.make_cache()
-        for s in range(0, ctx, 512):
-            y = model(mx.array(toks[:, s : s + 512]), cache, last_only=True)
-            mx.eval(y, [c.state for c in cache])
-        first = int(mx.argmax(y[0, -1]).item())
+        cache, first = prefilled(model, ctx)
         khost, _, nker = kernel_host(model, cache, first, steps)
         chost, _, cnodes = compiled_times(model, cache, first, steps, True)
         rows.append((ctx, statistics.median(khost), statistics.median(chost), nker, cnodes))
@@ -210,12 +215,7 @@ def main(argv=None):
           f"{a.steps} steps x {a.rounds} alternating rounds per loop")
     rows = []
     for ctx in a.contexts:
-        toks = np.random.default_rng(0).integers(0, model.args.vocab_size, (1, ctx)).astype(np.int32)
-        cache = model.make_cache()
-        for s in range(0, ctx, 512):
-            y = model(mx.array(toks[:, s : s + 512]), cache, last_only=True)
-            mx.eval(y, [c.state for c in cache])
-        first = int(mx.argmax(y[0, -1]).item())
+        cache, first = prefilled(model, ctx)
         split_times(model, snapshot(cache), first, 2)  # warm-up (allocations, compiled pieces)
         fuse.set_enabled(False)
         host_old, ev_old, _ = split_times(model, snapshot(cache), first, a.steps)

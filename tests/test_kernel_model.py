@@ -118,12 +118,15 @@ def reference(model):
 
 
 @needs_cxx
-def test_every_kernel_through_the_harness_matches_the_reference(model, reference, monkeypatch):
+@pytest.mark.parametrize("run", [_run, _run_ring], ids=["plain", "ring"])
+def test_every_kernel_through_the_harness_matches_the_reference(model, reference, monkeypatch, run):
+    """ring: the decode steps through the compiled step's ring caches (the position an input array of every
+    kernel), against the same reference (the reference path's plain decode)."""
     monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
     toks, ref, sel = reference
     sel.start_replay()
     with kernels_on_cpu(schedules=("forward",)) as calls:
-        out = _run(model, toks)
+        out = run(model, toks)
     assert sel.at == len(sel.log) and sel.differ <= 0.01 * sel.rows, (sel.differ, sel.rows)
     # The fused hc_pre kernel does the Sinkhorn split itself for hc = 4, so sinkhorn_split is left only to
     # hc_pre's fallback (hc != 4, other dtypes): never in this model; test_kernel_sinkhorn_split.py covers it.
@@ -134,20 +137,6 @@ def test_every_kernel_through_the_harness_matches_the_reference(model, reference
     assert calls["sparse_attention_decode"] == 5 * DECODE and calls["experts_gate_up"] == 5 * DECODE
     assert rel_err(out, ref) <= tolerance(model)
     assert rel_err(out[:, PREFILL:], ref[:, PREFILL:]) <= tolerance(model)  # the decode steps on their own
-
-
-@needs_cxx
-def test_ring_decode_through_the_harness_matches_the_reference(model, reference, monkeypatch):
-    """The compiled step's decode (ring caches, the position an input array of every kernel) with every kernel
-    through the harness, against the reference path's plain decode."""
-    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
-    toks, ref, sel = reference
-    sel.start_replay()
-    with kernels_on_cpu(schedules=("forward",)) as calls:
-        out = _run_ring(model, toks)
-    assert sel.at == len(sel.log) and sel.differ <= 0.01 * sel.rows, (sel.differ, sel.rows)
-    assert calls["sparse_attention_decode"] == 5 * DECODE and calls["indexer_topk"] >= 2 * DECODE
-    assert rel_err(out[:, PREFILL:], ref[:, PREFILL:]) <= tolerance(model)
 
 
 @needs_cxx
