@@ -102,6 +102,7 @@ class CompiledDecode:
         a, e = self.model.args, self.model.embed
         dtype = (e.scales if "scales" in e else e.weight).dtype  # the model's (a quantized table's are uint32)
         self.rings = [RingCache.from_layer(c, cap, dtype, a.head_dim, a.index_head_dim) for c in cache]
+        self.capacity = cap  # tokens the rings hold
         self._step = _traced(self.model, self.rings) if self.compiled else _step(self.model, self.rings)
 
     @property
@@ -111,7 +112,7 @@ class CompiledDecode:
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """Feed tokens [B, 1] at the current position -> logits [B, vocab] (lazy)."""
-        if self.pos + 1 > min(r.capacity for r in self.rings):  # outgrown: more room, through LayerCaches
+        if self.pos + 1 > self.capacity:  # outgrown: more room, through LayerCaches
             lcs = [LayerCache(r.ratio, r.window_size) for r in self.rings]
             self.write_back(lcs)
             self._set_rings(lcs, self._room(1 << 62))

@@ -248,7 +248,8 @@ class PlainDecoder:
                 self._give_up_compiling(e)
         self._undo = None  # what close() needs to undo this step (a compiled one: nothing, see write_back)
         if logits is None:
-            self._undo = [c.checkpoint() for c in self.cache]
+            if self.ahead:  # only a step fed ahead is ever undone
+                self._undo = [c.checkpoint() for c in self.cache]
             logits = self.model(fed, cache=self.cache, last_only=True)[:, -1, :]
         logprobs = processed_logprobs(logits, self.processors, self.history)
         return self.sampler(logprobs), logprobs[0]

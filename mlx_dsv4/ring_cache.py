@@ -63,10 +63,9 @@ class RingCache:
 
     def store(self, name: str) -> Rows:
         """The store `name` over its whole capacity (rows past the visible ones are masked by the reader)."""
-        s = make_rows(self.stores[name].kind, getattr(self.stores[name], "nope", None))
-        s.parts = self.arrays[name]
-        s.n = next(iter(s.parts.values())).shape[1]
-        return s
+        like, parts = self.stores[name], self.arrays[name]
+        n = next(iter(parts.values())).shape[1]
+        return Rows.from_arrays({"kind": like.kind, "n": n, **parts}, nope=getattr(like, "nope", None))
 
     def push_window(self, kv: mx.array) -> tuple[mx.array, mx.array]:
         """Shift kv [B, 1, D] (position pos) into the window; returns the window [B, R, D], its rows at positions
@@ -76,16 +75,9 @@ class RingCache:
 
     def write(self, name: str, rows: mx.array, j: mx.array) -> None:
         """Store entry j (an array) of `name` from rows [B, 1, width], in the store's format."""
-        enc = make_rows(self.stores[name].kind, getattr(self.stores[name], "nope", None)).encode(rows)
+        enc = self.stores[name].encode(rows)
         at = j.reshape(1)
         self.arrays[name] = {k: mx.slice_update(self.arrays[name][k], v, at, axes=(1,)) for k, v in enc.items()}
-
-    @property
-    def capacity(self) -> int:
-        """Tokens this cache can hold."""
-        if not self.ratio:
-            return 1 << 62
-        return next(iter(self.arrays["comp"].values())).shape[1] * self.ratio
 
     @classmethod
     def from_layer(cls, lc: LayerCache, capacity: int, dtype, width: int, index_width: int | None) -> RingCache:
@@ -136,25 +128,30 @@ def _ring_rows(state: CompressorState, P: int, m: int, B: int, D: int) -> tuple[
     current window and, with the overlap, the first halves of the previous window's rows."""
     size, coff = (2 * m, 2) if m == 4 else (m, 1)
     ra, rg = mx.zeros((B, size, coff * D), mx.float32), mx.zeros((B, size, coff * D), mx.float32)
-    base = P - P % m
-    if P % m:
-        slots = mx.array(np.arange(base, P) % size)
-        ra[:, slots], rg[:, slots] = state.rows_kv, state.rows_gate
-    if m == 4 and state.prev_kv is not None:
-        slots = mx.array(np.arange(base - m, base) % size)
-        ra[:, slots, :D], rg[:, slots, :D] = state.prev_kv, state.prev_gate
+    pending, prev = _slots(P, m, size)
+    if pending is not None:
+        ra[:, pending], rg[:, pending] = state.rows_kv, state.rows_gate
+    if prev is not None and state.prev_kv is not None:
+        ra[:, prev, :D], rg[:, prev, :D] = state.prev_kv, state.prev_gate
     return ra, rg
+
+
+def _slots(P: int, m: int, size: int) -> tuple[mx.array | None, mx.array | None]:
+    """The ring slots, at offset P, of the current window's pending rows and (overlap) of the previous window's
+    rows; None where there are none."""
+    base = P - P % m
+    pending = mx.array(np.arange(base, P) % size) if P % m else None
+    prev = mx.array(np.arange(base - m, base) % size) if m == 4 and base else None
+    return pending, prev
 
 
 def _state(ra: mx.array, rg: mx.array, P: int, m: int) -> dict:
     """CompressorState.arrays() of the compressor whose ring is (ra, rg), at offset P."""
-    size, base = ra.shape[1], P - P % m
     s = dict.fromkeys(CompressorState.FIELDS)
-    if P % m:
-        slots = mx.array(np.arange(base, P) % size)
-        s["rows_kv"], s["rows_gate"] = ra[:, slots], rg[:, slots]
-    if m == 4 and base:
+    pending, prev = _slots(P, m, ra.shape[1])
+    if pending is not None:
+        s["rows_kv"], s["rows_gate"] = ra[:, pending], rg[:, pending]
+    if prev is not None:
         D = ra.shape[-1] // 2
-        slots = mx.array(np.arange(base - m, base) % size)
-        s["prev_kv"], s["prev_gate"] = ra[:, slots, :D], rg[:, slots, :D]
+        s["prev_kv"], s["prev_gate"] = ra[:, prev, :D], rg[:, prev, :D]
     return s
