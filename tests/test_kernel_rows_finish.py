@@ -166,9 +166,10 @@ def _run(spec, x, w, freqs, pos0, step, kw):
     grid, tg = rf.launch_geometry(B * L * H)
     tmpl = {"T": T, "D": D, "R": R, "NOPE": kw["fp8_nope"], "NORM": kw["norm"], "WEIGHT": kw["weight"] is not None,
             "INVERSE": kw["inverse"]}
-    (out,) = run_metal_kernel_on_cpu(spec, [x.reshape(B, L, H, D), w, freqs, mx.array([pos0, step], mx.int32),
-                                            mx.array(EPS, mx.float32)], tmpl, grid, tg, [(B, L, H, D)], [T])
-    return out.reshape(x.shape)
+    # x as the wrapper passes it: [B, L, D] rows (H = 0 cases) exercise the kernel's rank-3 path
+    (out,) = run_metal_kernel_on_cpu(spec, [x, w, freqs, mx.array([pos0, step], mx.int32),
+                                            mx.array(EPS, mx.float32)], tmpl, grid, tg, [x.shape], [T])
+    return out
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -269,6 +270,18 @@ def test_broken_variants_are_caught(what):
     assert matches(_run(SPEC, x, w, freqs, 50, 1, kw))  # the intact kernel passes the same check
     broken = variant(SPEC, *BROKEN[what])
     assert assert_caught(lambda: _run(broken, x, w, freqs, 50, 1, kw), matches)
+
+
+@needs_cxx
+def test_rank_3_rows_take_their_own_positions():
+    """[B, L, D] rows go to the kernel unreshaped (H = 1 from the rank); reading H from the shape as for
+    [B, L, H, D] would put every token of a row at pos0 (negative control)."""
+    x, w, freqs = _data(2, 3, 0, 64, 16, seed=13)
+    kw = dict(norm=True, weight=w, eps=EPS, inverse=False, fp8_nope=0, dtype=mx.float32)
+    ref = _np(rf.rows_finish_reference(x, freqs, 9, 2, **kw))
+    assert _close(_run(SPEC, x, w, freqs, 9, 2, kw), ref, 16, mx.float32)
+    broken = variant(SPEC, "x_ndim == 4 ? x_shape[2] : 1", "x_shape[2]")
+    assert assert_caught(lambda: _run(broken, x, w, freqs, 9, 2, kw), lambda out: _close(out, ref, 16, mx.float32))
 
 
 def test_bad_input_is_refused():

@@ -96,15 +96,16 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, eps: float, norm_eps: float, n
     f32 = mx.float32
     tg = min(512, -(-4 * d // 32) * 32)
     w, out_eps = (base, 0.0) if norm is None else norm  # base: a placeholder the kernel never reads
+    # The kernel indexes its buffers by token: the arrays keep their own leading axes (no reshape nodes).
     u, post, comb = registry.launch(
-        "hc_pre", [X.reshape(n, 4, d), fn.astype(f32), scale.astype(f32), base.astype(f32),
+        "hc_pre", [X, fn.astype(f32), scale.astype(f32), base.astype(f32),
                    registry.constant(eps, f32), registry.constant(norm_eps, f32), w.astype(f32),
                    registry.constant(out_eps, f32)],
         template={"T": X.dtype, "D": d, "ITERS": iters, "NORM": norm is not None}, grid=(tg * n, 1, 1),
         threadgroup=(tg, 1, 1),
-        output_shapes=[(n, d), (n, 4), (n, 4, 4)], output_dtypes=[X.dtype, f32, f32],
+        output_shapes=[(*lead, d), (*lead, 4), (*lead, 4, 4)], output_dtypes=[X.dtype, f32, f32],
     )
-    return u.reshape(*lead, d), post.reshape(*lead, 4), comb.reshape(*lead, 4, 4)
+    return u, post, comb
 
 
 def hc_post_kernel(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
@@ -118,13 +119,12 @@ def hc_post_kernel(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> 
     if n * d == 0:
         return mx.zeros(X.shape, dtype=X.dtype)
     f32 = mx.float32
-    (out,) = registry.launch(
-        "hc_post", [y.reshape(n, d), X.reshape(n, 4, d), post.reshape(n, 4).astype(f32),
-                    comb.reshape(n, 4, 4).astype(f32)],
+    (out,) = registry.launch(  # indexed by token, as hc_pre: no reshapes
+        "hc_post", [y, X, post.astype(f32), comb.astype(f32)],
         template={"T": X.dtype, "D": d}, grid=(d, n, 1), threadgroup=(min(d, 256), 1, 1),
-        output_shapes=[(n, 4, d)], output_dtypes=[X.dtype],
+        output_shapes=[X.shape], output_dtypes=[X.dtype],
     )
-    return out.reshape(X.shape)
+    return out
 
 
 def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None):

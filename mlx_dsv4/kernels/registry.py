@@ -249,10 +249,11 @@ def constant(value: float | int | tuple, dtype) -> mx.array:
 
 def int_inputs(*values: int | mx.array) -> mx.array:
     """The int32 vector of `values`: Python ints, or int scalar arrays where a compiled decode step computes a
-    position (compiled_step.py), so that one trace serves every position."""
+    position (compiled_step.py), so that one trace serves every position. There the ints are shared constants:
+    mx.compile then merges the vectors the layers build from the same position (one node, not one per launch)."""
     if all(isinstance(v, int) for v in values):
         return mx.array(values, dtype=mx.int32)
-    return mx.concatenate([v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else mx.array([v], mx.int32)
+    return mx.concatenate([v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else constant((v,), mx.int32)
                            for v in values])
 
 

@@ -112,10 +112,10 @@ def _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dt
     w = freqs if weight is None else weight  # never read without a weight
     tmpl = {"T": T, "D": D, "R": R, "NOPE": fp8_nope, "NORM": bool(norm), "WEIGHT": bool(norm and weight is not None),
             "INVERSE": bool(inverse)}
-    (out,) = registry.launch("rows_finish", [x.reshape(B, L, H, D), w, freqs, pos, registry.constant(eps, mx.float32)],
-                             template=tmpl, grid=grid, threadgroup=tg, output_shapes=[(B, L, H, D)],
-                             output_dtypes=[T])
-    return out.reshape(x.shape)
+    # x as it is, [B, L, D] or [B, L, H, D]: the kernel reads H from its rank (no reshape nodes)
+    (out,) = registry.launch("rows_finish", [x, w, freqs, pos, registry.constant(eps, mx.float32)],
+                             template=tmpl, grid=grid, threadgroup=tg, output_shapes=[x.shape], output_dtypes=[T])
+    return out
 
 
 def rows_finish(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6, inverse=False,
