@@ -25,7 +25,6 @@ import sys
 import tempfile
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))

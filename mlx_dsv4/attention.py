@@ -61,8 +61,8 @@ class Attention(nn.Module):
         if "scales" in wo_a:
             split = lambda t: None if t is None else t.reshape(G, R, -1)  # noqa: E731
             a = mx.gather_qmm(og, split(wo_a.weight), split(wo_a.scales), split(wo_a.get("biases")),
-                              rhs_indices=registry.constant(tuple(range(G)), mx.uint32), transpose=True, group_size=wo_a.group_size,
-                              bits=wo_a.bits, mode=wo_a.mode)
+                              rhs_indices=registry.constant(tuple(range(G)), mx.uint32), transpose=True,
+                              group_size=wo_a.group_size, bits=wo_a.bits, mode=wo_a.mode)
         else:
             a = og @ mx.swapaxes(wo_a.weight.reshape(G, R, -1), -1, -2)
         return self.wo_b(a.reshape(B, L, G * R))

@@ -206,8 +206,9 @@ def test_the_kernel_step_replays_few_nodes(monkeypatch):
     model = mlx_model("flash", simulate_qat=True)
     cache = prefilled(model, 40)
     assert _kernel_step_nodes(model, cache) <= 630
-    unshared = lambda *v: mx.concatenate([x.reshape(1) if isinstance(x, mx.array) else mx.array([x], mx.int32)  # noqa: E731
-                                          for x in v])
+    def unshared(*values):
+        return mx.concatenate([v.reshape(1) if isinstance(v, mx.array) else mx.array([v], mx.int32) for v in values])
+
     monkeypatch.setattr(registry, "int_inputs", unshared)
     assert _kernel_step_nodes(model, cache) > 630
 
