@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import os
 import re
 import sys
@@ -102,14 +101,8 @@ class _StandIn:
 
     def __call__(self, *, inputs, output_shapes, output_dtypes, **_):
         _KERNEL_CALLS[self.name] += 1
-        return mx.depends([_zeros(tuple(s), d) for s, d in zip(output_shapes, output_dtypes)], list(inputs))
-
-
-@functools.lru_cache(maxsize=None)
-def _zeros(shape: tuple, dtype) -> mx.array:
-    z = mx.zeros(shape, dtype)
-    mx.eval(z)
-    return z
+        outs = [registry.placeholder(tuple(s), d) for s, d in zip(output_shapes, output_dtypes)]
+        return mx.depends(outs, list(inputs))
 
 
 @contextlib.contextmanager

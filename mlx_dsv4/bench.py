@@ -19,26 +19,30 @@ import numpy as np
 from .cache_size import cache_bytes, layer_bytes
 
 
-def loaded_blas() -> str:
-    """The BLAS really mapped into this process (LD_PRELOAD can name a library the loader refused)."""
+def _mapped(prefixes: tuple[str, ...]) -> list[str] | None:
+    """The libraries named prefix* really mapped into this process (LD_PRELOAD can name one the loader
+    refused); None where there is no /proc to read."""
     try:
         maps = open("/proc/self/maps").read()
     except OSError:
+        return None
+    return sorted({n for line in maps.splitlines() if (n := line.rsplit("/", 1)[-1]).startswith(prefixes)})
+
+
+def loaded_blas() -> str:
+    """The BLAS really mapped into this process."""
+    libs = _mapped(("libopenblas",))  # only a system OpenBLAS serves MLX; numpy / scipy map private copies
+    if libs is None:
         return "unknown (no /proc)"
-    # only a system OpenBLAS serves MLX; numpy / scipy map their own private copies
-    libs = sorted({n for line in maps.splitlines() if (n := line.rsplit("/", 1)[-1]).startswith("libopenblas")})
     return f"OpenBLAS ({', '.join(libs)})" if libs else "MLX bundled reference BLAS"
 
 
 def loaded_allocator() -> str:
     """The malloc really mapped into this process: host time per decode step is mostly graph nodes made and
     freed, and on Linux glibc's malloc makes that ~2x slower than jemalloc (README "Host time per decode step")."""
-    try:
-        maps = open("/proc/self/maps").read()
-    except OSError:
+    libs = _mapped(("libjemalloc", "libtcmalloc", "libmimalloc"))
+    if libs is None:
         return "the platform's (no /proc)"
-    libs = sorted({n for line in maps.splitlines() if (n := line.rsplit("/", 1)[-1]).startswith(
-        ("libjemalloc", "libtcmalloc", "libmimalloc"))})
     return ", ".join(libs) if libs else "glibc malloc"
 
 

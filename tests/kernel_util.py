@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +56,12 @@ def fake_metal(monkeypatch, spec) -> "CpuKernel":
     monkeypatch.setattr(registry, "metal_available", lambda: True)
     monkeypatch.setattr(registry, "get_kernel", lambda name: kernel)
     return kernel
+
+
+def benchmark(name: str):
+    """The module benchmarks/<name>.py (not a package: loaded from its file)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec_ = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    return mod

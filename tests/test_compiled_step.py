@@ -11,12 +11,10 @@ one of 8,192 window values, 6e-5 of the largest), which moves what follows by up
 (tests/test_kernel_model.py measured 1.7e-4): there the bound is 1e-3.
 """
 
-import importlib.util
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
+from kernel_util import benchmark
 from mlx.utils import tree_flatten
 from tinymodels import flat_state, mlx_model, tokens
 
@@ -180,7 +178,7 @@ def test_one_trace_for_every_step_and_no_evaluation_inside(monkeypatch):
 def _kernel_step_nodes(model, cache) -> int:
     """Graph nodes (views included: each is replayed) of one compiled decode step with kernel dispatch, each
     launch one node as a Metal kernel is (benchmarks/launch_count.py's stand-ins)."""
-    lc = _bench("launch_count")
+    lc = benchmark("launch_count")
     with lc.kernels_counted():
         compiled_step._TRACES.clear()  # a fresh trace of what the code builds now
         cd = CompiledDecode(model, [c.copy() for c in cache], 4)
@@ -188,14 +186,6 @@ def _kernel_step_nodes(model, cache) -> int:
         y = cd(mx.array(tokens(1)))
         outs = [y] + [v for a in cd.arrays for _, v in tree_flatten(a)]
         return sum(lc._count(outs).values())
-
-
-def _bench(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_the_kernel_step_replays_few_nodes(monkeypatch):
