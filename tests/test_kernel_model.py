@@ -25,6 +25,8 @@ reference by ~0.5 of max |logit| (bf16 vs fp32 reference), so per-kernel bf16 to
 the per-kernel tests.
 """
 
+import contextlib
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -84,23 +86,34 @@ def model(request):
     return m
 
 
-def _run(m, toks):
+@contextlib.contextmanager
+def reference_path(on: bool = True):
+    with pytest.MonkeyPatch.context() as env:
+        if on:
+            env.setenv(registry.REFERENCE_ENV, "1")
+        yield
+
+
+def decode_plain(m, cache, toks):
+    return [m(mx.array(toks[:, i : i + 1]), cache) for i in range(PREFILL, toks.shape[1])]
+
+
+def decode_ring(m, cache, toks):
+    """The decode steps through the ring caches of the compiled decode step (compiled_step.py), run eagerly:
+    the harness executes each launch on concrete inputs, which a trace does not have."""
+    cd = CompiledDecode(m, cache, DECODE, compiled=False)
+    return [cd(mx.array(toks[:, i : i + 1]))[:, None] for i in range(PREFILL, toks.shape[1])]
+
+
+def _run(m, toks, decode=decode_plain, reference_prefill=False):
+    """Logits of a 300-token prefill and the decode steps; reference_prefill: the prefill on the reference path
+    whatever dispatch is active (for tests about decoding: the harness's prefill is the slow part)."""
     cache = m.make_cache()
     # with the simulation on, the compact FP8 / FP4 stores (read in place by the kernels)
     assert (cache[2]._comp.kind, cache[2]._index.kind) == (("fp8", "fp4") if m.simulate_qat else ("dense", "dense"))
-    outs = [m(mx.array(toks[:, :PREFILL]), cache)]
-    outs += [m(mx.array(toks[:, i : i + 1]), cache) for i in range(PREFILL, toks.shape[1])]
-    mx.eval(outs)
-    return np.concatenate([np.array(o) for o in outs], axis=1)
-
-
-def _run_ring(m, toks):
-    """_run with the decode steps through the ring caches of the compiled decode step (compiled_step.py), run
-    eagerly: the harness executes each launch on concrete inputs, which a trace does not have."""
-    cache = m.make_cache()
-    outs = [m(mx.array(toks[:, :PREFILL]), cache)]
-    cd = CompiledDecode(m, cache, DECODE, compiled=False)
-    outs += [cd(mx.array(toks[:, i : i + 1]))[:, None] for i in range(PREFILL, toks.shape[1])]
+    with reference_path(reference_prefill):
+        outs = [m(mx.array(toks[:, :PREFILL]), cache)]
+    outs += decode(m, cache, toks)
     mx.eval(outs)
     return np.concatenate([np.array(o) for o in outs], axis=1)
 
@@ -110,29 +123,34 @@ def reference(model):
     mp = pytest.MonkeyPatch()
     sel = Selections(mp)
     toks = tokens(PREFILL + DECODE, batch=2)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(registry.REFERENCE_ENV, "1")
+    with reference_path():
         out = _run(model, toks)
     yield toks, out, sel
     mp.undo()
 
 
+# Kernels that only a prefill launches (the ring case prefills on the reference path; the plain case runs them).
+PREFILL_ONLY = {"sparse_attention_prefill"}
+
+
 @needs_cxx
-@pytest.mark.parametrize("run", [_run, _run_ring], ids=["plain", "ring"])
-def test_every_kernel_through_the_harness_matches_the_reference(model, reference, monkeypatch, run):
+@pytest.mark.parametrize("decode", [decode_plain, decode_ring], ids=["plain", "ring"])
+def test_every_kernel_through_the_harness_matches_the_reference(model, reference, monkeypatch, decode):
     """ring: the decode steps through the compiled step's ring caches (the position an input array of every
-    kernel), against the same reference (the reference path's plain decode)."""
+    kernel), against the same reference (the reference path's plain decode), after a reference prefill."""
     monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
     toks, ref, sel = reference
     sel.start_replay()
     with kernels_on_cpu(schedules=("forward",)) as calls:
-        out = run(model, toks)
+        out = _run(model, toks, decode, reference_prefill=decode is decode_ring)
     assert sel.at == len(sel.log) and sel.differ <= 0.01 * sel.rows, (sel.differ, sel.rows)
     # The fused hc_pre kernel does the Sinkhorn split itself for hc = 4, so sinkhorn_split is left only to
     # hc_pre's fallback (hc != 4, other dtypes): never in this model; test_kernel_sinkhorn_split.py covers it.
     expected = set(available_kernels()) - {"sinkhorn_split"}
     if not model.simulate_qat:  # store_encode encodes the compact cache's rows: only with the simulation on
         expected -= {"store_encode"}
+    if decode is decode_ring:
+        expected -= PREFILL_ONLY
     assert set(calls) == expected, f"kernels that never ran: {expected - set(calls)}"
     assert calls["sparse_attention_decode"] == 5 * DECODE and calls["experts_gate_up"] == 5 * DECODE
     assert rel_err(out, ref) <= tolerance(model)
@@ -143,13 +161,14 @@ def test_every_kernel_through_the_harness_matches_the_reference(model, reference
 @pytest.mark.parametrize("model", [True], ids=["sim_on"], indirect=True)
 def test_a_broken_kernel_in_the_model_is_caught(model, reference, monkeypatch):
     """Negative control: the decode attention's window reaches one row too far back (with the simulation
-    on, as users run it: the comparison above is the same code with the simulation off)."""
+    on, as users run it: the comparison above is the same code with the simulation off). The prefill runs
+    on the reference path (the broken kernel is a decode kernel; the test above runs the prefill's)."""
     monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
     toks, ref, sel = reference
     sel.start_replay()
-    spec = load_spec("sparse_attention_decode")
-    broken = variant(spec, "t - WINDOW + 1", "t - WINDOW")
-    with kernels_on_cpu({"sparse_attention_decode": broken}, schedules=("forward",)):
-        out = _run(model, toks)
-    assert rel_err(out[:, :PREFILL], ref[:, :PREFILL]) <= tolerance(model)  # prefill does not use it
+    broken = variant(load_spec("sparse_attention_decode"), "t - WINDOW + 1", "t - WINDOW")
+    with kernels_on_cpu({"sparse_attention_decode": broken}, schedules=("forward",)) as calls:
+        out = _run(model, toks, reference_prefill=True)
+    assert calls["sparse_attention_decode"] == 5 * DECODE
+    assert rel_err(out[:, :PREFILL], ref[:, :PREFILL]) <= tolerance(model)  # the reference prefill, as recorded
     assert rel_err(out[:, PREFILL:], ref[:, PREFILL:]) > 10 * tolerance(model)
