@@ -1,9 +1,10 @@
 """The whole tiny model with every Metal kernel executed through the CPU harness vs the reference path.
 
 Tiny Flash schedule [0, 0, 4, 128, 4] (sliding, CSA, HCA), trained-format simulation off (dense
-cache) and on (the compact FP8 / FP4 cache, read in place), routed experts in mxfp4 and shared experts in mxfp8, batch 2: a 300-token prefill (longer
-than the 128-token window; 75 CSA entries against a top-k of 16, so the sparse path runs) and four
-decode steps. Every kernel in metal_kernels/ must run at least once.
+cache) and on (the compact FP8 / FP4 cache, read in place), routed experts in mxfp4 and shared experts
+in mxfp8, batch 2: a 300-token prefill (longer than the 128-token window; 75 CSA entries against a
+top-k of 16, so the sparse path runs) and four decode steps. Every kernel in metal_kernels/ must run at
+least once.
 
 Tolerance: 1e-5 of max |logit|, fp32. The kernels sum the same fp32 terms in other orders than
 MLX (each op within a few ulp, ~1e-7 relative); through 5 layers, 4 streams and the head the
