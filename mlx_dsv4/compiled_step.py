@@ -61,10 +61,18 @@ def _step(model, rings: list[RingCache]):
     return step
 
 
+def _evaluate_weights(params: list[tuple[str, mx.array]]) -> None:
+    """Before a trace: a weight still lazy (loaded lazily and not read by the prefill, e.g. an indexer's when its
+    top-k covered every entry, or quantized in place) would be traced with the graph that makes it, and made again
+    at every step. The MTP layers' are no part of a step."""
+    mx.eval([v for k, v in params if not k.startswith("mtp.")])
+
+
 def _traced(model, rings: list[RingCache]):
     """The compiled step for this model, its weights, the stream and the cache layout: what a trace bakes in (its
     stream: one per thread; the weight arrays as constants: a model given new ones is traced anew)."""
-    weights = hash(tuple(id(v) for _, v in tree_flatten(model.parameters())))
+    params = tree_flatten(model.parameters())
+    weights = hash(tuple(id(v) for _, v in params))
     held = _TRACES.get(id(model))
     if held is None or held[0] != weights:  # new weights: the old traces (and the arrays they hold) go
         if held is None:
@@ -74,6 +82,7 @@ def _traced(model, rings: list[RingCache]):
            tuple(r.meta for r in rings))
     fn = held[1].get(key)
     if fn is None:
+        _evaluate_weights(params)
         fn = held[1][key] = mx.compile(_step(model, rings))
     return fn
 

@@ -9,6 +9,8 @@ codes and exponent bytes is lossless: reads give back bit-identical values at ab
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 import numpy as np
 
@@ -75,6 +77,12 @@ class Rows:
     def arrays(self) -> dict:
         return {"kind": self.kind, "n": self.n, **{k: v[:, : self.n] for k, v in self.parts.items()}} if self.n \
             else {"kind": self.kind, "n": 0}
+
+    def holding(self, parts: dict[str, mx.array], n: int) -> "Rows":
+        """A store of this one's kind and settings (its FP8 split, FP4 decoded dtype) over `parts`, n rows valid."""
+        r = copy.copy(self)
+        r.parts, r.n = dict(parts), n
+        return r
 
     @staticmethod
     def from_arrays(d: dict, **kw) -> "Rows":

@@ -62,10 +62,10 @@ class RingCache:
         return r
 
     def store(self, name: str) -> Rows:
-        """The store `name` over its whole capacity (rows past the visible ones are masked by the reader)."""
-        like, parts = self.stores[name], self.arrays[name]
-        n = next(iter(parts.values())).shape[1]
-        return Rows.from_arrays({"kind": like.kind, "n": n, **parts}, nope=getattr(like, "nope", None))
+        """The store `name` over its whole capacity (rows past the visible ones are masked by the reader), with the
+        settings of the LayerCache's (an FP4 store's decoded dtype: the kernels read it in place only in q's)."""
+        parts = self.arrays[name]
+        return self.stores[name].holding(parts, next(iter(parts.values())).shape[1])
 
     def push_window(self, kv: mx.array) -> tuple[mx.array, mx.array]:
         """Shift kv [B, 1, D] (position pos) into the window; returns the window [B, R, D], its rows at positions

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelArgs
+from .kernels import registry
 
 
 def inv_freq(args: ModelArgs, ratio: int) -> mx.array:
@@ -53,8 +54,9 @@ _MAX_TABLES = 32
 def table(freqs: mx.array, pos0: int, n: int, step: int = 1) -> tuple[mx.array, mx.array]:
     """cos_sin of positions pos0, pos0 + step, ... (n of them), built once per thread and frequency array:
     the layers of a step that share `freqs` (inv_freq) share the table instead of building one each."""
-    if isinstance(pos0, mx.array):  # a compiled step's position: nothing to share across steps
-        return cos_sin(pos0 + mx.arange(0, n * step, step), freqs)
+    if isinstance(pos0, mx.array):  # a compiled step's position: a shared constant for the offsets, so that
+        # mx.compile merges the layers' tables of the same freqs (an arange node, never merged, per layer before)
+        return cos_sin(pos0 + registry.constant(tuple(range(0, n * step, step)), mx.int32), freqs)
     key = (threading.get_ident(), id(freqs), pos0, n, step)
     hit = _TABLES.get(key)
     if hit is not None and hit[0] is freqs:  # `is`: an id can be reused once its array is gone

@@ -23,6 +23,7 @@ from mlx_dsv4.generate import stream_generate
 from mlx_dsv4.compiled_step import CompiledDecode
 from mlx_dsv4.kernels import registry
 from mlx_dsv4.load import load
+from mlx_dsv4.kvstore import Rows
 from mlx_dsv4.ring_cache import RingCache
 
 TOL, TOL_SIM = 1e-5, 1e-3
@@ -190,17 +191,67 @@ def _kernel_step_nodes(model, cache) -> int:
 
 def test_the_kernel_step_replays_few_nodes(monkeypatch):
     """A count, not a timing: replaying the compiled step costs host time per node (README "Host time per
-    decode step"), so its node count is guarded. 616 on the 5-layer tiny Flash with MLX 0.32 (a new MLX may
+    decode step"), so its node count is guarded. 589 on the 5-layer tiny Flash with MLX 0.32 (a new MLX may
     move it: re-measure then); the bound leaves 2%. Negative control: position vectors built from a fresh
     constant per launch (as before) are nodes mx.compile cannot merge, and the bound catches them."""
     model = mlx_model("flash", simulate_qat=True)
     cache = prefilled(model, 40)
-    assert _kernel_step_nodes(model, cache) <= 630
+    assert _kernel_step_nodes(model, cache) <= 600
     def unshared(*values):
         return mx.concatenate([v.reshape(1) if isinstance(v, mx.array) else mx.array([v], mx.int32) for v in values])
 
     monkeypatch.setattr(registry, "int_inputs", unshared)
-    assert _kernel_step_nodes(model, cache) > 630
+    assert _kernel_step_nodes(model, cache) > 600
+
+
+def test_weights_the_prefill_left_lazy_are_no_part_of_the_step(monkeypatch):
+    """Weights load lazily (and nn.quantize quantizes lazily): those the prefill did not read (here the
+    indexers', whose top-k of 16 covers the 10 entries of a 40-token prompt) must be evaluated before the
+    trace, or the step replays the graph that makes them at every token (re-reading or re-quantizing them).
+    Truth: the step's node count with every weight evaluated first. Negative control: without the evaluation
+    the step holds more nodes."""
+    import mlx.nn as nn
+
+    def lazy_model():
+        m = mlx_model("flash", simulate_qat=True)
+        mx.eval(m.parameters())
+        nn.quantize(m, group_size=32, bits=8, mode="mxfp8",
+                    class_predicate=lambda _p, mod: isinstance(mod, nn.Linear) and mod.weight.shape[-1] % 32 == 0)
+        return m
+
+    model = lazy_model()
+    cache = prefilled(model, 40)
+    lazy = _kernel_step_nodes(model, cache)
+    assert lazy == _kernel_step_nodes(model, cache)  # now that every weight is evaluated, whatever did it
+    monkeypatch.setattr(compiled_step, "_evaluate_weights", lambda params: None)
+    model = lazy_model()
+    assert _kernel_step_nodes(model, prefilled(model, 40)) > lazy
+
+
+def test_a_bf16_ring_reads_its_fp4_keys_in_place(monkeypatch):
+    """With kernel dispatch the ring's FP4 indexer keys go to the indexer_score kernel, read in place as a
+    LayerCache's are: the ring's store keeps the decoded dtype (bf16) the kernel requires, where one made
+    anew from the arrays would decode to float32 and send every CSA layer to the reference's ~40 ops of FP4
+    decoding and scoring. Negative control: a store made anew."""
+    model = mlx_model("flash", simulate_qat=True, dtype=mx.bfloat16)
+    csa = sum(layer.attn.ratio == 4 for layer in model.layers)
+    lc = benchmark("launch_count")
+
+    def launches():
+        with lc.kernels_counted():
+            cd = CompiledDecode(model, prefilled(model, 40), 4, compiled=False)
+            lc._KERNEL_CALLS.clear()
+            mx.eval(cd(mx.array(tokens(1))))
+            return lc._KERNEL_CALLS["indexer_score"]
+
+    assert csa and launches() == csa
+    def made_anew(self, name):
+        like, parts = self.stores[name], self.arrays[name]
+        n = next(iter(parts.values())).shape[1]
+        return Rows.from_arrays({"kind": like.kind, "n": n, **parts}, nope=getattr(like, "nope", None))
+
+    monkeypatch.setattr(RingCache, "store", made_anew)
+    assert launches() == 0
 
 
 def test_a_model_given_new_weights_is_traced_anew():
