@@ -3,7 +3,7 @@
 // call's window from prev_* for j = 0, none before the first window) then window j's rows on [D, 2D).
 //
 // @kernel         compressor_pool
-// @inputs         wa: float[B, n, RATIO, COFF D]; wg: float[B, n, RATIO, COFF D];
+// @inputs         wa: float[B, n, RATIO, COFF D] or [B, RATIO, COFF D] (n = 1); wg: as wa;
 //                 prev_a: float[B, RATIO, D]; prev_g: float[B, RATIO, D]
 // @outputs        entries: float[B, n, D]
 // @template       RATIO: int; OVERLAP: bool; HAS_PREV: bool
@@ -52,8 +52,8 @@ inline void slots_sum(const device float* a, const device float* g, uint stride,
 const uint f = thread_position_in_grid.x;
 const uint j = thread_position_in_grid.y;
 const uint b = thread_position_in_grid.z;
-const uint n = wa_shape[1];
-const uint W = wa_shape[3];           // COFF * D
+const uint n = wa_ndim == 4 ? wa_shape[1] : 1;  // rank 3: one window (a decode step's, as its ring holds it)
+const uint W = wa_shape[wa_ndim - 1];           // COFF * D
 const uint D = OVERLAP ? W / 2 : W;
 if (f >= D) {
   return;

@@ -8,6 +8,8 @@ output is rotated back by the query's position before the grouped low-rank outpu
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -22,6 +24,21 @@ from .kernels.rows_finish import rows_finish
 from .norm import RMSNorm
 from .ring_cache import RingCache
 from .rope import cos_sin, inv_freq, table
+
+
+_GROUPED: dict = {}  # id(weight) -> (a weak reference to it, its [G, R, -1] view, evaluated)
+
+
+def grouped(w: mx.array, G: int, R: int) -> mx.array:
+    """w [G*R, ...] as [G, R, ...], made once per weight array (a view of its memory): a decode step then holds
+    no reshape of a weight (each one a node that a compiled step replays). Dropped with the weight."""
+    hit = _GROUPED.get(id(w))
+    if hit is not None and hit[0]() is w:
+        return hit[1]
+    v = w.reshape(G, R, -1)
+    mx.eval(v)
+    _GROUPED[id(w)] = (weakref.ref(w, lambda _, k=id(w): _GROUPED.pop(k, None)), v)
+    return v
 
 
 class Attention(nn.Module):
@@ -50,17 +67,20 @@ class Attention(nn.Module):
         self._freqs = inv_freq(args, self.ratio)
 
     def grouped_out(self, o: mx.array) -> mx.array:
-        """o [B, L, H*D] -> wo_b(concat_g wo_a[g] . o_g): a block-diagonal then a dense projection.
+        """o [B, L, H, D] (or [B, L, H*D]) -> wo_b(concat_g wo_a[g] . o_g): a block-diagonal then a dense
+        projection.
 
         wo_a's rows are split into G groups; packing runs along the inputs, so this split is
         valid for quantized weights too (reshaping across the input axis would not be)."""
         G, R = self.o_groups, self.args.o_lora_rank
-        B, L, _ = o.shape
+        B, L = o.shape[:2]
         og = o.reshape(B, L, G, 1, -1)
         wo_a = self.wo_a
         if "scales" in wo_a:
-            split = lambda t: None if t is None else t.reshape(G, R, -1)  # noqa: E731
-            a = mx.gather_qmm(og, split(wo_a.weight), split(wo_a.scales), split(wo_a.get("biases")),
+            # the group split of the weights and the rows' indices: evaluated once, not nodes of every step
+            a = mx.gather_qmm(og, *(None if t is None else grouped(t, G, R) for t in
+                                    (wo_a.weight, wo_a.scales, wo_a.get("biases"))),
+                              lhs_indices=registry.constant(tuple(range(B * L * G)), mx.uint32).reshape(B, L, G),
                               rhs_indices=registry.constant(tuple(range(G)), mx.uint32), transpose=True,
                               group_size=wo_a.group_size, bits=wo_a.bits, mode=wo_a.mode)
         else:
@@ -91,7 +111,7 @@ class Attention(nn.Module):
                 o = mx.concatenate([self.attend(x[i : i + 1], qr[i : i + 1], q[i : i + 1], kv[i : i + 1], c, simulate,
                                                 finished=True) for i, c in enumerate(rows)], axis=0)
             o = self._finish(o, starts, lambda t, p0, c: rows_finish(t, self._freqs, p0, inverse=True, cs=c), cs)
-        y = self.grouped_out(o.reshape(B, L, self.n_heads * a.head_dim))
+        y = self.grouped_out(o)
         return y if self.shard is None else self.shard.all_sum(y)
 
     def finish_rows(self, q: mx.array, kv: mx.array, starts: list[int], simulate: bool):

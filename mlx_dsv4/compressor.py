@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from .cache import CompressorState
 from .kernels.compressor_pool import compressor_pool
@@ -46,6 +45,8 @@ class Compressor(nn.Module):
         g = self.wgate(xf).astype(mx.float32)
         ape = self.ape.astype(mx.float32)
         if not isinstance(positions, int):
+            if positions.size == 1:  # a compiled step's position: one dynamic slice (indexing: a gather + squeeze)
+                return a, g + mx.slice(ape, (positions.reshape(1) % m).astype(mx.int32), (0,), (1, ape.shape[1]))
             return a, g + ape[(positions % m).astype(mx.int32)]
         o = positions % m
         # Positions start.. in one window: a static slice of ape (a view); else gather by position.
@@ -119,18 +120,19 @@ class Compressor(nn.Module):
         when pos is the window's last position, else a finite placeholder. Returns (entry [B, 1, out_dim]
         float32 before post-processing, ra, rg)."""
         m, D = self.ratio, self.out_dim
-        size = ra.shape[1]
+        B, size, F = ra.shape
         a, g = self.project(x, pos.reshape(1, 1))
         slot = (pos % size).reshape(1)
         ra, rg = mx.slice_update(ra, a, slot, axes=(1,)), mx.slice_update(rg, g, slot, axes=(1,))
         if not self.overlap:  # the ring is the window
-            return compressor_pool(ra[:, None], rg[:, None], None, None, False), ra, rg
-        # this window's half, then the previous window's first halves (before the first window: a = 0, g = -inf)
+            return compressor_pool(ra, rg, None, None, False), ra, rg
+        # Window j in one half of the ring, window j - 1 in the other (before the first window the ring holds
+        # a = 0, g = -inf there: ring_cache.py); dynamic slices, one node each (a gather by index is several).
         j = pos // m
-        halves = ((j % 2) * m + mx.array(np.arange(2 * m, dtype=np.int32))) % (2 * m)
-        wa, wg = ra[:, halves], rg[:, halves]
-        prev = (mx.where(j > 0, wa[:, m:, :D], 0.0), mx.where(j > 0, wg[:, m:, :D], -mx.inf))
-        return compressor_pool(wa[:, None, :m], wg[:, None, :m], *prev, True), ra, rg
+        this, prev = ((j % 2) * m).reshape(1), (((j + 1) % 2) * m).reshape(1)
+        wa, wg = (mx.slice(r, this, (1,), (B, m, F)) for r in (ra, rg))  # one window each: [B, m, 2D]
+        pa, pg = (mx.slice(r, prev, (1,), (B, m, D)) for r in (ra, rg))
+        return compressor_pool(wa, wg, pa, pg, True), ra, rg
 
     def __call__(self, x, start, state, freqs, dtype, fp8_nope: int) -> mx.array:
         """Pooled, normalised, rotated (RoPE at the window's first position j * ratio) entries

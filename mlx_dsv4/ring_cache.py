@@ -9,7 +9,8 @@ an array (`pos`), not a Python integer (compiled_step.py):
   rows; entry j is written at row j by every step of its window (only the last one's is complete), and a
   query sees rows j < (pos + 1) // ratio;
 - compressor rows: a ring of one window (two with the ratio-4 overlap: the previous window's rows are
-  the pooling's other half), position p in slot p % size.
+  the pooling's other half; before the first window that half holds a = 0, g = -inf, as the pooling takes
+  it), position p in slot p % size.
 Nothing is overwritten that the state SPARE steps back needs, so a decoder can end on that state
 (`to_layer(lc, P, fed)`): a pipelined decoder's last step fed one token too many.
 `from_layer` / `to_layer` convert from and to a LayerCache exactly (the same arrays, bit for bit).
@@ -133,6 +134,8 @@ def _ring_rows(state: CompressorState, P: int, m: int, B: int, D: int) -> tuple[
         ra[:, pending], rg[:, pending] = state.rows_kv, state.rows_gate
     if prev is not None and state.prev_kv is not None:
         ra[:, prev, :D], rg[:, prev, :D] = state.prev_kv, state.prev_gate
+    if m == 4 and P < m:  # before the first window the previous one is a = 0, g = -inf (weight 0 in the pooling)
+        rg[:, m:, :D] = -mx.inf
     return ra, rg
 
 

@@ -170,7 +170,7 @@ def test_compressor_pool_over_chunks_matches_the_spec_stream(ratio):
 
 
 def _run(spec, wa, wg, pa, pg, overlap, tg=None):
-    B, n, m, W = wa.shape
+    B, n, m, W = wa.shape if wa.ndim == 4 else (wa.shape[0], 1, *wa.shape[1:])  # [B, m, W]: one window
     D = W // 2 if overlap else W
     grid, tg0 = cp.launch_geometry(B, n, D)
     has = pa is not None
@@ -197,6 +197,24 @@ def test_kernel_matches_reference(name):
     ref = np.array(cp.compressor_pool_reference(*_mx(wa, wg, pa, pg), overlap))
     _, mag = _oracle(wa, wg, pa, pg, overlap)
     assert _ok(_run(SPEC, wa, wg, pa, pg, overlap, tg), ref, mag, 2 * m if overlap else m)
+
+
+@needs_cxx
+@pytest.mark.parametrize("overlap, m", [(True, 4), (False, 16)], ids=["ratio 4, prev", "ratio 16"])
+def test_one_window_without_its_axis(overlap, m):
+    """A decode step's window as its ring holds it, [B, m, coff*D] (no n axis: no reshape node before the
+    launch), is n = 1. Broken variant: n read from the shape's second axis (then the ratio), which puts
+    batch row 1's window past the end."""
+    wa, wg, pa, pg = _windows(2, 1, m, 33, overlap, seed=m, prev=overlap)
+    ref = np.array(cp.compressor_pool_reference(*_mx(wa, wg, pa, pg), overlap))
+    np.testing.assert_array_equal(np.array(cp.compressor_pool_reference(*_mx(wa[:, 0], wg[:, 0], pa, pg), overlap)),
+                                  ref)
+    _, mag = _oracle(wa, wg, pa, pg, overlap)
+    got = _run(SPEC, wa[:, 0], wg[:, 0], pa, pg, overlap)
+    assert got.shape == (2, 1, 33) and _ok(got, ref, mag, 2 * m if overlap else m)
+    broken = variant(SPEC, "const uint n = wa_ndim == 4 ? wa_shape[1] : 1;", "const uint n = wa_shape[1];", "source")
+    assert assert_caught(lambda: _run(broken, wa[:, 0], wg[:, 0], pa, pg, overlap),
+                         lambda out: _ok(out, ref, mag, 2 * m if overlap else m))
 
 
 @pytest.fixture
@@ -257,6 +275,8 @@ def test_bad_input_is_refused():
     wa = mx.zeros((1, 2, 4, 6))
     with pytest.raises(ValueError, match="wa and wg must be"):
         cp.compressor_pool(wa, wa[..., :4], None, None, True)
+    with pytest.raises(ValueError, match="wa and wg must be"):
+        cp.compressor_pool(wa[0, 0, 0], wa[0, 0, 0], None, None, True)
     with pytest.raises(ValueError, match="even width"):
         cp.compressor_pool(wa[..., :5], wa[..., :5], None, None, True)
     with pytest.raises(ValueError, match="both be given"):

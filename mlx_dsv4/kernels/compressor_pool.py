@@ -1,6 +1,7 @@
 """Compressor gated pooling: the pure-MLX reference and the Metal kernel (metal_kernels/compressor_pool.metal).
 
-Windows wa, wg [B, n, m, coff*D] float32 (a and g + ape of m consecutive tokens) -> entries [B, n, D]:
+Windows wa, wg [B, n, m, coff*D] float32 (a and g + ape of m consecutive tokens; one window may come as
+[B, m, coff*D]) -> entries [B, n, D]:
 entry[j, f] = sum over slots s of softmax_s(g[s, f]) * a[s, f] (spec §4.1). Without overlap the slots are
 window j's m rows. With overlap (ratio 4, coff = 2) they are 2m: window j-1's rows on the first half of the
 features, then window j's rows on the second half; before window 0 of this call the previous window is
@@ -15,11 +16,16 @@ import mlx.core as mx
 from . import registry
 
 
+def _dims(wa: mx.array) -> tuple[int, int, int, int]:
+    """(B, n, m, coff*D) of windows [B, n, m, coff*D], or of one window [B, m, coff*D] (n = 1)."""
+    return wa.shape if wa.ndim == 4 else (wa.shape[0], 1, *wa.shape[1:])
+
+
 def _check(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: bool) -> int:
-    if wa.ndim != 4 or wg.shape != wa.shape:
-        raise ValueError(f"compressor_pool: wa and wg must be [B, n, m, coff*D] of one shape, got wa {wa.shape}, "
-                         f"wg {wg.shape}")
-    B, _, m, W = wa.shape
+    if wa.ndim not in (3, 4) or wg.shape != wa.shape:
+        raise ValueError(f"compressor_pool: wa and wg must be [B, n, m, coff*D] (or one window [B, m, coff*D]) of "
+                         f"one shape, got wa {wa.shape}, wg {wg.shape}")
+    B, _, m, W = _dims(wa)
     if overlap and W % 2:
         raise ValueError(f"compressor_pool: wa with overlap must have an even width 2*D, got {W}")
     D = W // 2 if overlap else W
@@ -45,6 +51,8 @@ def overlap_slots(wa, wg, prev_a, prev_g, D: int):
 def compressor_pool_reference(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: bool) -> mx.array:
     """Pure MLX: the slot layout, then a per-feature softmax over the slots and the weighted sum."""
     D = _check(wa, wg, prev_a, prev_g, overlap)
+    if wa.ndim == 3:
+        wa, wg = wa[:, None], wg[:, None]
     if wa.shape[1] == 0:
         return mx.zeros((wa.shape[0], 0, D), dtype=mx.float32)
     if overlap:
@@ -66,7 +74,7 @@ def launch_geometry(B: int, n: int, D: int) -> tuple[tuple[int, int, int], tuple
 def compressor_pool_kernel(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: bool) -> mx.array:
     """The Metal kernel (float32): one thread per (b, j, feature), one launch."""
     D = _check(wa, wg, prev_a, prev_g, overlap)
-    B, n, m, _ = wa.shape
+    B, n, m, _ = _dims(wa)  # a single window is launched as it is (the kernel reads n from wa's rank): no reshape
     if B * n * D == 0:
         return mx.zeros((B, n, D), dtype=mx.float32)
     if not _kernel_ok(wa, wg, prev_a):

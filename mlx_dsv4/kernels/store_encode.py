@@ -58,10 +58,10 @@ def _kernel(rows: mx.array, nope: int | None) -> tuple[mx.array, mx.array]:
     if R == 0:
         return mx.zeros((*lead, width), mx.uint8), mx.zeros((*lead, nb), mx.uint8)
     grid, tg = launch_geometry(R)
-    codes, exps = registry.launch("store_encode", [rows.reshape(R, D)], template={"D": D, "N": n, "FP4": fp4},
-                                  grid=grid, threadgroup=tg, output_shapes=[(R, width), (R, nb)],
-                                  output_dtypes=[mx.uint8, mx.uint8])
-    return codes.reshape(*lead, width), exps.reshape(*lead, nb)
+    # the kernel indexes rows by the grid alone (it reads no shape): rows and outputs keep the caller's shapes,
+    # no reshape nodes around the launch (a compiled decode step replays each one)
+    return registry.launch("store_encode", [rows], template={"D": D, "N": n, "FP4": fp4}, grid=grid, threadgroup=tg,
+                           output_shapes=[(*lead, width), (*lead, nb)], output_dtypes=[mx.uint8, mx.uint8])
 
 
 def fp8_encode_kernel(rows: mx.array, nope: int) -> tuple[mx.array, mx.array]:
