@@ -69,14 +69,13 @@ def _ok(out, ref, dtype, qat) -> bool:
 
 def _run(spec, x, freqs, pos0, step, qat, w=None, eps=1e-6):
     D = x.shape[-1]
-    x4 = x if x.ndim == 4 else x[:, :, None]
     threads = 32 * (x.size // D)
-    (out,) = run_metal_kernel_on_cpu(
-        spec, [x4, freqs, freqs if w is None else w, mx.array([pos0, step], mx.int32),
+    (out,) = run_metal_kernel_on_cpu(  # x as the wrapper passes it: keys [B, n, D] unreshaped
+        spec, [x, freqs, freqs if w is None else w, mx.array([pos0, step], mx.int32),
                mx.array([eps, D**-0.5], mx.float32)],
         {"T": x.dtype, "D": D, "R2": freqs.shape[0], "NORM": w is not None, "QAT": qat},
-        (threads, 1, 1), (min(threads, 128), 1, 1), [x4.shape], [x.dtype])
-    return out.reshape(x.shape)
+        (threads, 1, 1), (min(threads, 128), 1, 1), [x.shape], [x.dtype])
+    return out
 
 
 # ---- the reference ----------------------------------------------------------------------------------
@@ -212,6 +211,7 @@ BROKEN = {  # (old, new, section)
     "rope partner from the wrong lane": ("simd_shuffle_xor(v[k], 1)", "simd_shuffle_xor(v[k], 2)", "source"),
     "off-by-one rope position": ("pos[0] + int(t) * pos[1]", "pos[0] + int(t + 1) * pos[1]", "source"),
     "norm over one register only": ("ss += v[k] * v[k];", "ss = v[k] * v[k];", "source"),
+    "keys' heads read from the shape": ("(row / (x_ndim == 4 ? x_shape[2] : 1))", "(row / x_shape[2])", "source"),
 }
 
 

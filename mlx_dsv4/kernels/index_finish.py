@@ -67,17 +67,17 @@ def index_finish_kernel(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, 
     if x.size == 0:
         return x
     D = x.shape[-1]
-    x4 = x if x.ndim == 4 else x[:, :, None]
     threads = 32 * (x.size // D)
+    # x as it is, q [B, L, H, D] or keys [B, L, D]: the kernel reads H from its rank (no reshape nodes)
     (out,) = registry.launch(
         "index_finish",
-        [x4, freqs, freqs if weight is None else weight.astype(mx.float32),  # unread without NORM
+        [x, freqs, freqs if weight is None else weight.astype(mx.float32),  # unread without NORM
          registry.int_inputs(pos0, pos_step), registry.constant((eps, D**-0.5), mx.float32)],
         template={"T": x.dtype, "D": D, "R2": freqs.shape[0], "NORM": weight is not None, "QAT": bool(simulate)},
         grid=(threads, 1, 1), threadgroup=(min(threads, 32 * ROWS_PER_THREADGROUP), 1, 1),
-        output_shapes=[x4.shape], output_dtypes=[x.dtype],
+        output_shapes=[x.shape], output_dtypes=[x.dtype],
     )
-    return out.reshape(x.shape)
+    return out
 
 
 def index_finish(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
