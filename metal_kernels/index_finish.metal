@@ -3,7 +3,8 @@
 // normalised Walsh-Hadamard transform, rounding to bf16 and FP4 e2m1 in 1x32 blocks with E8M0 scales.
 //
 // @kernel         index_finish
-// @inputs         x: T[B, L, H, D] or keys T[B, L, D] (H = 1); freqs: float[R2]; weight: float[D]; pos: int32[2]; consts: float[2]
+// @inputs         x: T[B, L, H, D] or keys T[B, L, D] (H = 1); freqs: float[R2]; weight: float[D];
+//                 pos: int32[2]; consts: float[2]
 // @outputs        out: T, x's shape
 // @template       T: type; D: int; R2: int; NORM: bool; QAT: bool
 // @include        formats
