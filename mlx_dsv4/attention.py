@@ -77,10 +77,11 @@ class Attention(nn.Module):
         og = o.reshape(B, L, G, 1, -1)
         wo_a = self.wo_a
         if "scales" in wo_a:
-            # the group split of the weights and the rows' indices: evaluated once, not nodes of every step
+            # the group split of the weights and, in decode, the rows' indices: evaluated once, not nodes of every
+            # step (MLX's own indices are an arange, which a compiled step replays per layer)
+            lhs = registry.constant(tuple(range(B * G)), mx.uint32).reshape(B, L, G) if L == 1 else None
             a = mx.gather_qmm(og, *(None if t is None else grouped(t, G, R) for t in
-                                    (wo_a.weight, wo_a.scales, wo_a.get("biases"))),
-                              lhs_indices=registry.constant(tuple(range(B * L * G)), mx.uint32).reshape(B, L, G),
+                                    (wo_a.weight, wo_a.scales, wo_a.get("biases"))), lhs_indices=lhs,
                               rhs_indices=registry.constant(tuple(range(G)), mx.uint32), transpose=True,
                               group_size=wo_a.group_size, bits=wo_a.bits, mode=wo_a.mode)
         else:
