@@ -8,8 +8,6 @@ output is rotated back by the query's position before the grouped low-rank outpu
 
 from __future__ import annotations
 
-import weakref
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -24,21 +22,6 @@ from .kernels.rows_finish import rows_finish
 from .norm import RMSNorm
 from .ring_cache import RingCache
 from .rope import cos_sin, inv_freq, table
-
-
-_GROUPED: dict = {}  # id(weight) -> (a weak reference to it, its [G, R, -1] view, evaluated)
-
-
-def grouped(w: mx.array, G: int, R: int) -> mx.array:
-    """w [G*R, ...] as [G, R, ...], made once per weight array (a view of its memory): a decode step then holds
-    no reshape of a weight (each one a node that a compiled step replays). Dropped with the weight."""
-    hit = _GROUPED.get(id(w))
-    if hit is not None and hit[0]() is w:
-        return hit[1]
-    v = w.reshape(G, R, -1)
-    mx.eval(v)
-    _GROUPED[id(w)] = (weakref.ref(w, lambda _, k=id(w): _GROUPED.pop(k, None)), v)
-    return v
 
 
 class Attention(nn.Module):
@@ -77,11 +60,11 @@ class Attention(nn.Module):
         og = o.reshape(B, L, G, 1, -1)
         wo_a = self.wo_a
         if "scales" in wo_a:
-            # the group split of the weights and, in decode, the rows' indices: evaluated once, not nodes of every
-            # step (MLX's own indices are an arange, which a compiled step replays per layer)
+            # in decode the rows' indices are a shared constant (MLX's own are an arange, which a compiled step
+            # replays per layer)
             lhs = registry.constant(tuple(range(B * G)), mx.uint32).reshape(B, L, G) if L == 1 else None
-            a = mx.gather_qmm(og, *(None if t is None else grouped(t, G, R) for t in
-                                    (wo_a.weight, wo_a.scales, wo_a.get("biases"))), lhs_indices=lhs,
+            split = lambda t: None if t is None else t.reshape(G, R, -1)  # noqa: E731
+            a = mx.gather_qmm(og, split(wo_a.weight), split(wo_a.scales), split(wo_a.get("biases")), lhs_indices=lhs,
                               rhs_indices=registry.constant(tuple(range(G)), mx.uint32), transpose=True,
                               group_size=wo_a.group_size, bits=wo_a.bits, mode=wo_a.mode)
         else:

@@ -1,6 +1,5 @@
 """Attention.grouped_out with a quantized wo_a (as converted: mxfp8; affine too) against the block-diagonal
-product of the dequantized weights, for a prefill and for decode rows (decode passes its own row indices,
-and the group split of the weights is made once per weight array: attention.grouped).
+product of the dequantized weights, for a prefill and for decode rows (decode passes its own row indices).
 
 Tolerance: the same fp32 products of the same dequantized values, summed in other orders: ~1e-6 of the
 largest output; a wrong group or row moves outputs by O(1)."""
@@ -10,7 +9,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_dsv4 import attention
 from mlx_dsv4.attention import Attention
 from mlx_dsv4.config import from_hf_config
 from mlx_dsv4.tiny import tiny_hf_config
@@ -40,12 +38,3 @@ def test_quantized_grouped_out_is_the_block_diagonal_product(mode, B, L):
     got = a.grouped_out(o)
     assert got.shape == want.shape
     assert np.abs(np.array(got) - np.array(want)).max() <= 1e-5 * np.abs(np.array(want)).max()
-
-
-def test_the_weights_group_split_is_made_once_per_weight():
-    a = _attn("mxfp8")
-    G, R = a.o_groups, a.args.o_lora_rank
-    first = attention.grouped(a.wo_a.weight, G, R)
-    assert attention.grouped(a.wo_a.weight, G, R) is first  # the same evaluated view, no new node
-    new = mx.array(a.wo_a.weight)
-    assert attention.grouped(new, G, R) is not first  # another weight array: its own split
