@@ -10,7 +10,8 @@
 // @inputs         h: float[N, K + SHARED, I]; ids: int32|uint32[N, K]; wt: float[N, K];
 //                 w2: uint32[E, D, I/8]; s2: uint8[E, D, I/32]; w2s: uint32[D, I/4]; s2s: uint8[D, I/32]
 //                 (without SHARED the wrapper passes w2, s2 again: never read)
-// @outputs        y: float[N, D]
+// @outputs        y: float[N, D], or in T (the float32 sum rounded once: the model's next dtype), any
+//                 leading axes of N rows
 // @template       T: type; D: int; I: int; K: int; SHARED: bool
 // @grid           (32 * ceil(D / 4), N, 1)
 // @threadgroup    (min(32 * ceil(D / 4), 256), 1, 1)

@@ -37,7 +37,7 @@ class Gate(nn.Module):
         self.topk, self.route_scale = args.n_activated_experts, args.route_scale
 
     def __call__(self, x: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
-        """x [N, d], tokens [N] -> (weights [N, k] float32, expert ids [N, k])."""
+        """x [N, d] (or [..., d]), tokens [N] -> (weights [N, k] float32, expert ids [N, k])."""
         table = dict(tid2eid=self.tid2eid, tokens=tokens) if "tid2eid" in self else dict(bias=self.bias)
         return moe_router.moe_router(x, self.weight, self.topk, self.route_scale, **table)
 
@@ -148,9 +148,10 @@ class RoutedExperts(nn.Module):
         return all(w.is_mx("mxfp4", 4) for w in (stacks or self.stacks()))
 
     def __call__(self, x: mx.array, ids: mx.array, weights: mx.array, shared=None, stacks=None,
-                 sort: bool | None = None) -> mx.array:
+                 sort: bool | None = None, dtype: mx.Dtype = mx.float32) -> mx.array:
         """x [N, d], ids/weights [N, k] -> sum_e w_e * expert_e(x) [N, d] in float32; with shared (the
-        shared expert's Expert.mxfp8() pairs, kernel path only) + the shared expert's output.
+        shared expert's Expert.mxfp8() pairs, kernel path only) + the shared expert's output. On the kernel
+        path x may have any leading axes (y has x's) and y comes in `dtype` (the float32 sum rounded once).
         stacks: the (w1, w3, w2) ExpertWeights that ids index (default: this module's). sort: group rows
         by expert (default: ids.size >= SORT_ROWS; a streamed call split into parts passes the whole's)."""
         w1, w3, w2 = stacks = stacks or self.stacks()
@@ -160,7 +161,7 @@ class RoutedExperts(nn.Module):
             raise ValueError("routed experts: shared is fused only on the kernel path (see takes_kernels)")
         if kernels:
             pairs = ((w.weight, w.scales) for w in stacks)
-            return expert_kernels.routed_experts(x, ids, weights, *pairs, self.limit, shared)
+            return expert_kernels.routed_experts(x, ids, weights, *pairs, self.limit, shared, dtype)
         xe = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, d]
         idx, inv, wts = ids, None, weights
         if do_sort:  # group rows by expert so each expert's weights are read once
@@ -193,14 +194,16 @@ class MoE(nn.Module):
         """experts: this layer's view of the expert store (expert_store.LayerExperts) when the routed
         experts are streamed from disk; None when they are resident."""
         shape = x.shape
+        w, ids = self.gate(x, tokens.reshape(-1))
         flat = x.reshape(-1, shape[-1])
-        w, ids = self.gate(flat, tokens.reshape(-1))
         if self.shard is not None:
             y = self._partial(flat, w, ids)
         elif experts is not None:
             y = self._streamed(flat, w, ids, experts)
         elif (shared := self.shared_experts.mxfp8() if self.experts.takes_kernels(ids) else None) is not None:
-            y = self.experts(flat, ids, w, shared)  # decode on a converted checkpoint: routed + shared in two kernels
+            # decode on a converted checkpoint: routed + shared in two kernels, which take x and give y as the
+            # stream takes it (x's shape and dtype: no reshape or cast node in a compiled step)
+            y = self.experts(x, ids, w, shared, dtype=x.dtype)
         else:
             y = self.experts(flat, ids, w) + self.shared_experts(flat).astype(mx.float32)
         return y.astype(x.dtype).reshape(shape)  # back to the model dtype: fp32 must not leak

@@ -262,7 +262,7 @@ def test_bad_input_is_refused():
     c = _case(2, 2, 64, 32, 4)
     args = dict(x=c["x"], ids=c["ids"], weights=c["wt"], w1=c["w1"], w3=c["w3"], w2=c["w2"], limit=1.0)
     for name, bad, msg in [
-        ("x", c["x"][None], "x must be \\[N, d\\]"),
+        ("x", c["x"][0], "x must be \\[N, d\\]"),
         ("ids", c["ids"].astype(mx.float32), "ids must be integer"),
         ("weights", c["wt"][:, :1], "weights must be \\[N, k\\]"),
         ("w1", c["w1"][0], "w1 must be an mxfp4 \\(weight, scales\\) pair"),

@@ -230,6 +230,30 @@ def test_down_kernel_matches_reference(name):
     assert _down_ok(c, _oracle(c), _down(DOWN, c, h), h)
 
 
+@needs_cxx
+def test_down_writes_the_rounded_sum_in_the_streams_shape():
+    """y in x's dtype with x's leading axes (what a decode step's stream takes: no cast or reshape node after the
+    kernel) is the float32 sum rounded once, bit for bit as astype rounds it. Broken variant: the sum truncated
+    to bfloat16 (not rounded to nearest even)."""
+    c = _case(*DOWN_SHAPES["N=3 k=2 bf16, ragged lane loop (40 mxfp8 words)"][:5], seed=5, dtype=mx.bfloat16)
+    h = _h_ref(c)
+    N, D = c["x"].shape
+    k, I = c["ids"].shape[1], c["w1"][0].shape[1]
+
+    def run(spec, shape, dtype):
+        return run_metal_kernel_on_cpu(spec, [h, c["ids"], c["wt"], *c["w2"], *c["shared"][2]],
+                                       {"T": mx.bfloat16, "D": D, "I": I, "K": k, "SHARED": True}, *ex._grid(D, N),
+                                       [shape], [dtype])[0]
+
+    want = mx.array(run(DOWN, (N, D), mx.float32)).astype(mx.bfloat16).reshape(1, N, D)
+    same = lambda y: np.array_equal(np.array(mx.array(y).astype(mx.float32)), np.array(want.astype(mx.float32)))  # noqa: E731
+    got = run(DOWN, (1, N, D), mx.bfloat16)
+    assert got.shape == (1, N, D) and same(got)
+    truncated = variant(DOWN, "y[size_t(n) * D + row0 + r] = s;",
+                        "y[size_t(n) * D + row0 + r] = as_type<float>(as_type<uint>(s) & 0xFFFF0000u);")
+    assert assert_caught(lambda: run(truncated, (1, N, D), mx.bfloat16), same)
+
+
 def _moe(shared_format: str | None, seed=0):
     """The model's MoE at tiny Flash sizes (d 64, inter 32, 8 experts, top 2), routed mxfp4."""
     args = from_hf_config(tiny_hf_config("flash"))
@@ -278,7 +302,7 @@ def test_wrapper_and_the_model_moe(monkeypatch):
         assert dict(calls) == {"experts_gate_up": 3, "experts_down": 3}
     seen = []
     routed = ex.routed_experts
-    monkeypatch.setattr(ex, "routed_experts", lambda *a, **kw: seen.append(a[-1]) or routed(*a, **kw))
+    monkeypatch.setattr(ex, "routed_experts", lambda *a, **kw: seen.append(a[7]) or routed(*a, **kw))
     with kernels_on_cpu(schedules=("forward",)) as calls:
         _moe(None)(x, tokens)  # a dense shared expert: the routed kernels alone, the shared expert as before
     assert seen == [None] and dict(calls) == {"experts_gate_up": 1, "experts_down": 1}

@@ -160,12 +160,16 @@ def test_dispatch_through_the_wrapper(monkeypatch):
     got = rt.moe_router(x, w, 2, SCALE, **kw)
     assert fake.calls == 1 and got[1].dtype == mx.int32
     assert _ok(got, rt.moe_router_reference(x, w, 2, SCALE, **kw), x, w)
+    rows = rt.moe_router(x.reshape(1, 3, 64), w, 2, SCALE, **kw)  # a step's [B, L, d], launched as it is
+    assert fake.calls == 2 and all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(rows, got))
+    assert all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(
+        rt.moe_router_reference(x.reshape(3, 1, 64), w, 2, SCALE, **kw), rt.moe_router_reference(x, w, 2, SCALE, **kw)))
     big = mx.concatenate([x] * 6)  # 18 > KERNEL_TOKENS tokens: the GEMM path
     rt.moe_router(big, w, 2, SCALE, **kw)
-    assert fake.calls == 1
+    assert fake.calls == 2
     monkeypatch.setenv(registry.REFERENCE_ENV, "1")
     rt.moe_router(x, w, 2, SCALE, **kw)
-    assert fake.calls == 1
+    assert fake.calls == 2
 
 
 BROKEN = {  # name: (old, new, case)
@@ -196,7 +200,7 @@ def test_broken_variants_are_caught(what):
 def test_bad_input_is_refused():
     x, w, kw = _case(2, 8, 16, 2, False)
     _, _, hk = _case(2, 8, 16, 2, True)
-    with pytest.raises(ValueError, match="x \\[N, d\\] and weight"):
+    with pytest.raises(ValueError, match="want x \\[N, d\\]"):
         rt.moe_router(x, w[:, :8], 2, SCALE, **kw)
     with pytest.raises(ValueError, match="k must be"):
         rt.moe_router(x, w, 9, SCALE, **kw)

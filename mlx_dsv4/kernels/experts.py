@@ -1,7 +1,8 @@
 """Routed experts on mxfp4 weights, optionally with the mxfp8 shared expert fused in: the pure-MLX
 reference and the Metal kernels (metal_kernels/experts_gate_up.metal, metal_kernels/experts_down.metal).
 
-x [N, d], ids [N, k], weights [N, k] float32 -> y [N, d] float32 = sum_j expert_{ids[n, j]}(x[n]):
+x [N, d] (or any leading axes of N rows), ids [N, k], weights [N, k] float32 -> y [N, d] float32 (x's leading axes;
+or rounded once to x's dtype, what a decode step adds to its stream) = sum_j expert_{ids[n, j]}(x[n]):
 h = silu(min(x w1^T, limit)) * clip(x w3^T, -limit, limit) in float32, then round_T(h * weight)
 (T = x.dtype; the reference model scales before w2), then w2, summed over the k experts in float32.
 Each projection is an mxfp4 pair (weight uint32 [E, out, in/8], 8 e2m1 codes per word, lowest
@@ -74,9 +75,9 @@ def _check_shared(shared, d: int, inter: int) -> None:
 
 def _check_gate_up(x, ids, w1, w3) -> tuple[int, int, int, int]:
     """(N, k, d, inter) after validating x, ids, w1 and w3."""
-    if x.ndim != 2:
-        raise ValueError(f"routed experts: x must be [N, d], got shape {x.shape}")
-    N, d = x.shape
+    if x.ndim < 2:
+        raise ValueError(f"routed experts: x must be [N, d] (or [..., d]), got shape {x.shape}")
+    N, d = x.size // max(x.shape[-1], 1), x.shape[-1]
     if ids.ndim != 2 or ids.shape[0] != N or not mx.issubdtype(ids.dtype, mx.integer):
         raise ValueError(f"routed experts: ids must be integer [{N}, k], got {ids.dtype} {ids.shape}")
     E, inter, _ = _check_pair("w1", w1, None, None, d)
@@ -107,6 +108,7 @@ def _linear8(x: mx.array, w) -> mx.array:
 def gate_up_reference(x: mx.array, ids: mx.array, w1, w3, limit: float, shared=None) -> mx.array:
     """h [N, k (+ 1), inter] float32: the clamped SwiGLU of the selected experts' gate and up rows; with
     shared = (w1s, w3s) the shared expert's (from its gate and up in x's dtype) appended as slot k."""
+    x = x.reshape(ids.shape[0], x.shape[-1])  # rows [N, d] (a step's [B, L, d])
     xe = x.astype(mx.float32)[:, None, None, :]  # [N, 1, 1, d] against ids [N, k]
     h = clamped_swiglu(_qmm(xe, w1, ids), _qmm(xe, w3, ids), limit).squeeze(-2)
     if shared is None:
@@ -127,10 +129,11 @@ def down_reference(h: mx.array, ids: mx.array, weights: mx.array, w2, dtype: mx.
 
 
 def routed_experts_reference(x: mx.array, ids: mx.array, weights: mx.array, w1, w3, w2, limit: float,
-                             shared=None) -> mx.array:
+                             shared=None, dtype: mx.Dtype = mx.float32) -> mx.array:
     _check(x, ids, weights, w1, w3, w2, shared)
     gu, down = (None, None) if shared is None else (shared[:2], shared[2])
-    return down_reference(gate_up_reference(x, ids, w1, w3, limit, gu), ids, weights, w2, x.dtype, down)
+    y = down_reference(gate_up_reference(x, ids, w1, w3, limit, gu), ids, weights, w2, x.dtype, down)
+    return y.astype(dtype).reshape(x.shape)
 
 
 def _kernel_ok(x: mx.array, d: int, inter: int) -> bool:
@@ -165,9 +168,11 @@ def gate_up_kernel(x: mx.array, ids: mx.array, w1, w3, limit: float, shared=None
     return h
 
 
-def down_kernel(h: mx.array, ids: mx.array, weights: mx.array, w2, dtype: mx.Dtype, shared=None) -> mx.array:
+def down_kernel(h: mx.array, ids: mx.array, weights: mx.array, w2, dtype: mx.Dtype, shared=None, lead=None,
+                out: mx.Dtype = mx.float32) -> mx.array:
     """The Metal kernel experts_down: y [N, d] float32 (routing weights and the expert sum fused; with
-    shared = w2s the shared expert's down projection of h's last slot added)."""
+    shared = w2s the shared expert's down projection of h's last slot added). lead: y's leading axes (default
+    (N,)); out: y's dtype, the float32 sum rounded once (written by the kernel: no reshape or cast node)."""
     ks = ids.shape[-1] + (shared is not None)
     if h.ndim != 3 or ids.ndim != 2 or h.shape[:2] != (ids.shape[0], ks):
         raise ValueError(f"routed experts: h must be [N, k{' + 1' if shared is not None else ''}, inter] "
@@ -180,24 +185,26 @@ def down_kernel(h: mx.array, ids: mx.array, weights: mx.array, w2, dtype: mx.Dty
         _check_shared_pair("w2", shared, d, inter)
     if dtype not in KERNEL_DTYPES or inter % GROUP or d * inter < 256:
         raise ValueError(f"experts_down kernel: dtype must be one of {KERNEL_DTYPES}, got {dtype} (or d inter < 256)")
+    lead = (N,) if lead is None else tuple(lead)
     if N * k == 0:
-        return mx.zeros((N, d), dtype=mx.float32)
+        return mx.zeros((*lead, d), dtype=out)
     w2s = shared or w2  # a placeholder the kernel never reads without the shared expert
     grid, tg = _grid(d, N)
     (y,) = registry.launch(
         "experts_down", [h.astype(mx.float32), ids, weights.astype(mx.float32), *w2, *w2s],
         template={"T": dtype, "D": d, "I": inter, "K": k, "SHARED": shared is not None}, grid=grid,
-        threadgroup=tg, output_shapes=[(N, d)], output_dtypes=[mx.float32],
+        threadgroup=tg, output_shapes=[(*lead, d)], output_dtypes=[out],
     )
     return y
 
 
 def routed_experts(x: mx.array, ids: mx.array, weights: mx.array, w1, w3, w2, limit: float,
-                   shared=None) -> mx.array:
-    """y [N, d] float32 (+ the shared expert when given): the two kernels on Metal, the reference
-    elsewhere (or for other dtypes)."""
+                   shared=None, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """y [..., d] (x's leading axes) in `dtype` (the float32 sum rounded once), + the shared expert when given:
+    the two kernels on Metal, the reference elsewhere (or for other dtypes)."""
     N, k, d, inter = _check(x, ids, weights, w1, w3, w2, shared)
     gu, down = (None, None) if shared is None else (shared[:2], shared[2])
     if registry.use_kernels() and _kernel_ok(x, d, inter):
-        return down_kernel(gate_up_kernel(x, ids, w1, w3, limit, gu), ids, weights, w2, x.dtype, down)
-    return down_reference(gate_up_reference(x, ids, w1, w3, limit, gu), ids, weights, w2, x.dtype, down)
+        return down_kernel(gate_up_kernel(x, ids, w1, w3, limit, gu), ids, weights, w2, x.dtype, down, x.shape[:-1],
+                           dtype)
+    return routed_experts_reference(x, ids, weights, w1, w3, w2, limit, shared, dtype)

@@ -1,6 +1,6 @@
 """MoE router: the pure-MLX reference and the Metal kernel (metal_kernels/moe_router.metal).
 
-x [N, d], gate weight [E, d] -> (weights [N, k] float32, ids [N, k]): z = x . weight^T in float32,
+x [N, d] (or any leading axes of N rows), gate weight [E, d] -> (weights [N, k] float32, ids [N, k]): z = x . weight^T in float32,
 s = sqrt(softplus(z)); ids = tid2eid[tokens] (hashed layers) or the top-k of s + bias (the bias
 steers selection only); weights = s[ids] / sum(s[ids]) * route_scale (spec §5). The order of the k
 ids within a token is unspecified (the experts' sum does not depend on it).
@@ -23,9 +23,10 @@ KERNEL_TOKENS = 16
 
 def _check(x, weight, k, bias, tid2eid, tokens) -> tuple[int, int, int]:
     """(N, E, d) after validating the arguments."""
-    if x.ndim != 2 or weight.ndim != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"moe_router: want x [N, d] and weight [E, d]; got x {x.shape}, weight {weight.shape}")
-    N, d = x.shape
+    if x.ndim < 2 or weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"moe_router: want x [N, d] (or [..., d]) and weight [E, d]; got x {x.shape}, "
+                         f"weight {weight.shape}")
+    N, d = x.size // max(x.shape[-1], 1), x.shape[-1]
     E = weight.shape[0]
     if not isinstance(k, int) or not 1 <= k <= E:
         raise ValueError(f"moe_router: k must be an int in [1, {E}], got {k!r}")
@@ -46,8 +47,9 @@ def moe_router_reference(x: mx.array, weight: mx.array, k: int, route_scale: flo
                     tid2eid: mx.array | None = None, tokens: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Pure MLX: (weights [N, k] float32, ids [N, k]; int32 when hashed, uint32 from argpartition);
     one fused piece (kernels/fuse.py)."""
-    _check(x, weight, k, bias, tid2eid, tokens)
+    N, _, d = _check(x, weight, k, bias, tid2eid, tokens)
     sel = (bias,) if tid2eid is None else (tid2eid, tokens)
+    x = x.reshape(N, d)
     return fuse.run(_route, (k, float(route_scale), tid2eid is not None), x, weight, *sel)
 
 
@@ -102,7 +104,7 @@ def moe_router(x: mx.array, weight: mx.array, k: int, route_scale: float, *, bia
     """(weights [N, k] float32, ids [N, k]): the kernel on Metal for up to KERNEL_TOKENS tokens, the
     reference otherwise."""
     kw = dict(bias=bias, tid2eid=tid2eid, tokens=tokens)
-    if registry.use_kernels() and x.ndim == 2 and x.shape[0] <= KERNEL_TOKENS and _kernel_ok(x, weight, k) and (
+    if registry.use_kernels() and x.ndim >= 2 and x.size <= KERNEL_TOKENS * x.shape[-1] and _kernel_ok(x, weight, k) and (
             bias is None or bias.dtype in KERNEL_DTYPES):
         return moe_router_kernel(x, weight, k, route_scale, **kw)
     return moe_router_reference(x, weight, k, route_scale, **kw)
