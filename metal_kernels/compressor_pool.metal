@@ -1,12 +1,14 @@
 // Compressor gated pooling (spec §4.1): entry[b, j, f] = sum_s softmax_s(g[s, f]) a[s, f] in float32 over the
 // slots of window j. OVERLAP (ratio 4): 2 RATIO slots, window j-1's rows on features [0, D) (the previous
 // call's window from prev_* for j = 0, none before the first window) then window j's rows on [D, 2D).
+// RING (a compiled decode step, ring_cache.py): wa / wg are one layer's ring [B, 2 RATIO, 2D], window
+// pos / RATIO in the half (pos / RATIO) % 2 and the window before it in the other; that one window is pooled.
 //
 // @kernel         compressor_pool
-// @inputs         wa: float[B, n, RATIO, COFF D] or [B, RATIO, COFF D] (n = 1); wg: as wa;
-//                 prev_a: float[B, RATIO, D]; prev_g: float[B, RATIO, D]
+// @inputs         wa: float[B, n, RATIO, COFF D] or [B, RATIO, COFF D] (n = 1) or, RING, [B, 2 RATIO, 2 D];
+//                 wg: as wa; prev_a: float[B, RATIO, D]; prev_g: float[B, RATIO, D]; pos: int[1] (RING)
 // @outputs        entries: float[B, n, D]
-// @template       RATIO: int; OVERLAP: bool; HAS_PREV: bool
+// @template       RATIO: int; OVERLAP: bool; HAS_PREV: bool; RING: bool
 // @grid           (D, n, B): one thread per output feature
 // @threadgroup    (min(D, 256), 1, 1); the kernel uses no threadgroup memory or SIMD functions, any
 //                 shape works
@@ -26,7 +28,8 @@
 //                 of ~300-380 (not measured: no Mac was available).
 //
 // Without HAS_PREV, prev_a / prev_g are never read; the wrapper passes wa / wg (device buffers, so
-// the pointer selection below has one address space). Each thread walks its slots twice, strided
+// the pointer selection below has one address space); pos is read only with RING. A ring's halves are
+// read in place: a decode step slices no window out of it (four graph nodes per CSA compressor). Each thread walks its slots twice, strided
 // by the row width (coalesced over f within a SIMD group): a max pass, then exp and the two sums.
 // Two passes rather than an online softmax, so the exponents are the reference's, exp(g - max).
 
@@ -52,7 +55,7 @@ inline void slots_sum(const device float* a, const device float* g, uint stride,
 const uint f = thread_position_in_grid.x;
 const uint j = thread_position_in_grid.y;
 const uint b = thread_position_in_grid.z;
-const uint n = wa_ndim == 4 ? wa_shape[1] : 1;  // rank 3: one window (a decode step's, as its ring holds it)
+const uint n = wa_ndim == 4 && !RING ? wa_shape[1] : 1;  // rank 3: one window (a decode step's)
 const uint W = wa_shape[wa_ndim - 1];           // COFF * D
 const uint D = OVERLAP ? W / 2 : W;
 if (f >= D) {
@@ -60,17 +63,22 @@ if (f >= D) {
 }
 const uint lo = 0, hi = OVERLAP ? D : 0;  // feature offsets of the previous / current window's half
 
-const size_t cur = (size_t(b) * n + j) * RATIO * W;
+// RING: this window's half of the ring, and the previous window's (the other half)
+const uint half = RING ? ((uint(pos[0]) / RATIO) % 2) * RATIO : 0;
+const size_t cur = RING ? (size_t(b) * 2 * RATIO + half) * W : (size_t(b) * n + j) * RATIO * W;
 const device float* ca = wa + cur + hi + f;
 const device float* cg = wg + cur + hi + f;
 
 // The previous window's first half: the row before in this call, or the carried state, or none
 // (a = 0, g = -inf: weight exactly 0, so its slots are skipped).
-const bool has_prev = OVERLAP && (j > 0 || HAS_PREV);
+const bool has_prev = OVERLAP && (j > 0 || HAS_PREV || RING);
 const device float* pa = ca;
 const device float* pg = cg;
 uint pstride = W;
-if (has_prev && j > 0) {
+if (RING) {
+  pa = wa + (size_t(b) * 2 * RATIO + RATIO - half) * W + lo + f;
+  pg = wg + (size_t(b) * 2 * RATIO + RATIO - half) * W + lo + f;
+} else if (has_prev && j > 0) {
   pa = wa + cur - RATIO * W + lo + f;
   pg = wg + cur - RATIO * W + lo + f;
 } else if (has_prev) {

@@ -5,8 +5,9 @@
 // @inputs         q: T[B, L, H, D]; win: T[B, W, D]; ck: C[B, cap, D] dense rows or uint8[B, cap, NOPE] e4m3;
 //                 ce: uint8[B, cap, ceil(NOPE / 64)] E8M0 (FP8) or a dummy; cr: T[B, cap, D - NOPE] rope (FP8) or a
 //                 dummy; idx: int32[B, L, K] (CSA, -1 = none) or a dummy; sink: float[H];
-//                 pos: int32[3] (start, win_start (< 0: the rows before position 0 are padding), n valid
-//                 entries); scale: float[]
+//                 pos: int32[4] (start, win_start (< 0: the rows before position 0 are padding), n valid
+//                 entries, row base: position p is window row (p - base) mod W: win_start for rows in position
+//                 order, 0 for a compiled step's ring, position p in row p mod W); scale: float[]
 // @outputs        out: T[B, L, H, D]
 // @template       T: type; D: int; NOPE: int; HT: int; FP8: bool; CSA: bool; WINDOW: int; RATIO: int
 // @include        formats; sparse_attention_common
@@ -49,12 +50,12 @@ const uint sg = simdgroup_index_in_threadgroup, lane = thread_index_in_simdgroup
 const int H = q_shape[2], L = q_shape[1], W = win_shape[1], cap = ck_shape[1], K = idx_shape[2];
 const int h0 = threadgroup_position_in_grid.y * HT;
 const int b = threadgroup_position_in_grid.z / L, l = threadgroup_position_in_grid.z % L;
-const int t = pos[0] + l, ws = pos[1], n = pos[2];
+const int t = pos[0] + l, ws = pos[1], n = pos[2], base = pos[3];
 const int wlo = metal::max(metal::max(ws, t - WINDOW + 1), 0);  // visible window positions [wlo, whi): rows
                                                                // before position 0 are padding
 const int nw = metal::max(metal::min(ws + W, t + 1) - wlo, 0);
 const int nc = CSA ? K : metal::max(metal::min(n, (t + 1) / RATIO), 0);
-const device T* wrow = win + (size_t(b) * W + (wlo - ws)) * D;
+const device T* wrow = win + size_t(b) * W * D;
 const device int* ids = idx + (size_t(b) * L + l) * K;
 const size_t crow = size_t(b) * cap;
 
@@ -74,7 +75,7 @@ for (int pass = 0; pass < 2; ++pass) {
     float kv[DL];
     if (j < nw) {
       for (int c = 0; c < DL; ++c) {
-        kv[c] = float(wrow[size_t(j) * D + lane + 32 * c]);
+        kv[c] = float(wrow[size_t((wlo + j - base) % W) * D + lane + 32 * c]);  // wlo - base >= 0
       }
     } else {
       const int e = CSA ? ids[j - nw] : j - nw;

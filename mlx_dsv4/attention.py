@@ -249,16 +249,19 @@ class Attention(nn.Module):
             if m == 4:
                 ids = self.indexer.select_ring(x, qr, cache, fr, simulate, a.index_topk)  # [B, 1, k]
         if registry.use_kernels() and kernel_supported(q, win, store):
-            o = sparse_attention_decode(q, win, ws, store, ids, self.attn_sink, pos, m or 1, a.window_size, D ** -0.5)
+            o = sparse_attention_decode(q, win, ws, store, ids, self.attn_sink, pos, m or 1, a.window_size, D ** -0.5,
+                                        ring=True)
         else:
             o = self._ring_reference(q, win, ws, store, ids, pos)
         return rows_finish(o, fr, pos, inverse=True, cs=cs)
 
     def _ring_reference(self, q, win, ws, store, ids, pos) -> mx.array:
-        """The decode kernel's attention in the reference's ops: every window row and compressed entry (HCA) or
-        selected one (CSA) as a key, masked unless the query at pos sees it."""
-        B, W = win.shape[0], self.args.window_size
-        p = ws + mx.arange(win.shape[1])
+        """The decode kernel's attention in the reference's ops: every window row (in position order, as the
+        kernel reads the ring) and compressed entry (HCA) or selected one (CSA) as a key, masked unless the query
+        at pos sees it."""
+        B, W, R = win.shape[0], self.args.window_size, win.shape[1]
+        p = ws + mx.arange(R)
+        win = mx.take(win, p % R, axis=1)
         keys, masks = [win], [mx.broadcast_to((p >= 0) & (p > pos - W), (B, win.shape[1]))]
         if ids is not None:
             keys.append(store.take(mx.maximum(ids, 0))[:, 0])

@@ -119,20 +119,15 @@ class Compressor(nn.Module):
         (two windows with the overlap; ring_cache.py), and the pooling of its window as it stands: complete
         when pos is the window's last position, else a finite placeholder. Returns (entry [B, 1, out_dim]
         float32 before post-processing, ra, rg)."""
-        m, D = self.ratio, self.out_dim
-        B, size, F = ra.shape
+        size = ra.shape[1]
         a, g = self.project(x, pos.reshape(1, 1))
         slot = (pos % size).reshape(1)
         ra, rg = mx.slice_update(ra, a, slot, axes=(1,)), mx.slice_update(rg, g, slot, axes=(1,))
         if not self.overlap:  # the ring is the window
             return compressor_pool(ra, rg, None, None, False), ra, rg
-        # Window j in one half of the ring, window j - 1 in the other (before the first window the ring holds
-        # a = 0, g = -inf there: ring_cache.py); dynamic slices, one node each (a gather by index is several).
-        j = pos // m
-        this, prev = ((j % 2) * m).reshape(1), (((j + 1) % 2) * m).reshape(1)
-        wa, wg = (mx.slice(r, this, (1,), (B, m, F)) for r in (ra, rg))  # one window each: [B, m, 2D]
-        pa, pg = (mx.slice(r, prev, (1,), (B, m, D)) for r in (ra, rg))
-        return compressor_pool(wa, wg, pa, pg, True), ra, rg
+        # window j in one half of the ring, window j - 1 in the other (before the first window the ring holds
+        # a = 0, g = -inf there: ring_cache.py); the kernel reads them in place
+        return compressor_pool(ra, rg, None, None, True, pos), ra, rg
 
     def __call__(self, x, start, state, freqs, dtype, fp8_nope: int) -> mx.array:
         """Pooled, normalised, rotated (RoPE at the window's first position j * ratio) entries

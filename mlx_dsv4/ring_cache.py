@@ -4,7 +4,8 @@ A LayerCache grows: its window is re-sliced, its stores append, its compressor k
 rows, and its counts are Python integers, so every step is a graph of its own. A RingCache holds the
 same state in arrays whose shapes do not change from step to step, and the position of the token fed is
 an array (`pos`), not a Python integer (compiled_step.py):
-- window: the last window_size + SPARE positions' rows in position order (shifted by one row per step);
+- window: the last window_size + SPARE positions' rows, position p in row p % (window_size + SPARE) (a step
+  writes one row: no shift, no copy);
 - compressed entries / indexer keys: the LayerCache's own store formats (kvstore), `capacity // ratio`
   rows; entry j is written at row j by every step of its window (only the last one's is complete), and a
   query sees rows j < (pos + 1) // ratio;
@@ -69,10 +70,12 @@ class RingCache:
         return self.stores[name].holding(parts, next(iter(parts.values())).shape[1])
 
     def push_window(self, kv: mx.array) -> tuple[mx.array, mx.array]:
-        """Shift kv [B, 1, D] (position pos) into the window; returns the window [B, R, D], its rows at positions
-        pos - R + 1 .. pos, and the first one's position (an array; rows before position 0 are zeros)."""
-        w = self.arrays["window"] = mx.concatenate([self.arrays["window"][:, 1:], kv], axis=1)
-        return w, self.pos - w.shape[1] + 1
+        """Write kv [B, 1, D] (position pos) into the window; returns the window [B, R, D], positions pos - R + 1 ..
+        pos in rows p % R, and the oldest one's position (an array; rows of positions before 0 are zeros)."""
+        w = self.arrays["window"]
+        R = w.shape[1]
+        w = self.arrays["window"] = mx.slice_update(w, kv, (self.pos % R).reshape(1), axes=(1,))
+        return w, self.pos - R + 1
 
     def write(self, name: str, rows: mx.array, j: mx.array) -> None:
         """Store entry j (an array) of `name` from rows [B, 1, width], in the store's format."""
@@ -93,7 +96,7 @@ class RingCache:
         R = W + SPARE
         win = mx.zeros((B, R, width), dtype if lc.window is None else lc.window.dtype)
         if lc.window is not None:
-            win[:, R - lc.window.shape[1] :] = lc.window
+            win[:, mx.array(np.arange(P - lc.window.shape[1], P) % R)] = lc.window
         arrays, stores = {"window": win}, {}
         for name, rows, state, D, on in (("comp", lc.compressed_store, lc.comp_state, width, m > 0),
                                          ("index", lc.index_store, lc.index_state, index_width, m == 4)):
@@ -111,10 +114,10 @@ class RingCache:
             raise ValueError(f"a ring cache fed {fed} tokens cannot go back to {P}")
         m, W, a = self.ratio, self.window_size, self.arrays
         R = a["window"].shape[1]
-        w, end = min(P, W), R - (fed - P)  # the window's row of position p is p - (fed - R)
+        w = min(P, W)  # positions P - w .. P - 1, in rows p % R (fed - P <= SPARE later ones wrote none of them)
         comp = self.stores.get("comp")
         state = {"meta": {"ratio": m, "window_size": W, "offset": P, "nope": getattr(comp, "nope", None)},
-                 "window": a["window"][:, end - w : end] if w else None}
+                 "window": a["window"][:, mx.array(np.arange(P - w, P) % R)] if w else None}
         for name, key in (("comp", "compressed"), ("index", "index_keys")):
             n = P // m if name in a else 0
             state[key] = {"kind": self.stores[name].kind, "n": n}

@@ -169,14 +169,19 @@ def test_compressor_pool_over_chunks_matches_the_spec_stream(ratio):
     assert firsts == [0, 0, 10 // ratio, 11 // ratio]
 
 
-def _run(spec, wa, wg, pa, pg, overlap, tg=None):
-    B, n, m, W = wa.shape if wa.ndim == 4 else (wa.shape[0], 1, *wa.shape[1:])  # [B, m, W]: one window
+def _run(spec, wa, wg, pa, pg, overlap, tg=None, pos=None):
+    """pos: wa / wg are a decode ring [B, 2m, 2D] and pos its position."""
+    if pos is not None:
+        B, n, m, W = wa.shape[0], 1, wa.shape[1] // 2, wa.shape[2]
+    else:
+        B, n, m, W = wa.shape if wa.ndim == 4 else (wa.shape[0], 1, *wa.shape[1:])  # [B, m, W]: one window
     D = W // 2 if overlap else W
     grid, tg0 = cp.launch_geometry(B, n, D)
     has = pa is not None
-    (out,) = run_metal_kernel_on_cpu(spec, [wa, wg, pa if has else wa, pg if has else wg],
-                                     {"RATIO": m, "OVERLAP": overlap, "HAS_PREV": has}, grid, tg or tg0,
-                                     [(B, n, D)], [np.float32])
+    at = np.array([0 if pos is None else pos], np.int32)
+    (out,) = run_metal_kernel_on_cpu(spec, [wa, wg, pa if has else wa, pg if has else wg, at],
+                                     {"RATIO": m, "OVERLAP": overlap, "HAS_PREV": has, "RING": pos is not None},
+                                     grid, tg or tg0, [(B, n, D)], [np.float32])
     return out
 
 
@@ -212,9 +217,52 @@ def test_one_window_without_its_axis(overlap, m):
     _, mag = _oracle(wa, wg, pa, pg, overlap)
     got = _run(SPEC, wa[:, 0], wg[:, 0], pa, pg, overlap)
     assert got.shape == (2, 1, 33) and _ok(got, ref, mag, 2 * m if overlap else m)
-    broken = variant(SPEC, "const uint n = wa_ndim == 4 ? wa_shape[1] : 1;", "const uint n = wa_shape[1];", "source")
+    broken = variant(SPEC, "const uint n = wa_ndim == 4 && !RING ? wa_shape[1] : 1;", "const uint n = wa_shape[1];",
+                     "source")
     assert assert_caught(lambda: _run(broken, wa[:, 0], wg[:, 0], pa, pg, overlap),
                          lambda out: _ok(out, ref, mag, 2 * m if overlap else m))
+
+
+def _ring(B, m, D, pos, seed):
+    """A decode ring [B, 2m, 2D] at position pos (ring_cache.py: position p in slot p % 2m; before the first
+    window the other half holds a = 0, g = -inf) and the windows it holds as compressor_pool's arguments."""
+    rng = np.random.default_rng(seed)
+    ra = rng.standard_normal((B, 2 * m, 2 * D)).astype(np.float32)
+    rg = (2 * rng.standard_normal((B, 2 * m, 2 * D))).astype(np.float32)
+    j = pos // m
+    this, prev = (j % 2) * m, ((j + 1) % 2) * m
+    if j == 0:
+        ra[:, prev:prev + m], rg[:, prev:prev + m] = 0, -np.inf
+    wa, wg = ra[:, None, this:this + m], rg[:, None, this:this + m]
+    pa, pg = ra[:, prev:prev + m, :D], rg[:, prev:prev + m, :D]
+    return ra, rg, (wa, wg, pa, pg)
+
+
+RING_POSITIONS = [1, 3, 6, 13]  # window 0 (previous half: a = 0, g = -inf), window 1 (halves swapped), 1, 3
+
+
+@pytest.mark.parametrize("pos", RING_POSITIONS)
+def test_reference_reads_a_ring_as_its_windows(pos):
+    """The ring form pools exactly the windows the ring holds (the same reference on the sliced windows)."""
+    ra, rg, wins = _ring(2, 4, 5, pos, seed=pos)
+    want = cp.compressor_pool_reference(*_mx(*wins), True)
+    got = cp.compressor_pool_reference(*_mx(ra, rg), None, None, True, mx.array(pos, mx.int32))
+    assert got.shape == (2, 1, 5)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
+@needs_cxx
+@pytest.mark.parametrize("pos", RING_POSITIONS)
+def test_kernel_reads_a_ring_in_place(pos):
+    """RING: the kernel finds this window's half and the previous one's in the ring itself. Broken variant: the
+    halves not alternated (window j always in the first half)."""
+    ra, rg, wins = _ring(2, 4, 37, pos, seed=pos)
+    ref = np.array(cp.compressor_pool_reference(*_mx(*wins), True))
+    _, mag = _oracle(*wins, True)
+    assert _ok(_run(SPEC, ra, rg, None, None, True, pos=pos), ref, mag, 8)
+    broken = variant(SPEC, "((uint(pos[0]) / RATIO) % 2) * RATIO", "0", "source")
+    if (pos // 4) % 2:  # the break shows where the window sits in the second half
+        assert assert_caught(lambda: _run(broken, ra, rg, None, None, True, pos=pos), lambda out: _ok(out, ref, mag, 8))
 
 
 @pytest.fixture
@@ -232,10 +280,15 @@ def test_dispatch_through_the_wrapper(fake, monkeypatch):
     np.testing.assert_array_equal(np.array(cp.compressor_pool(*_mx(wa, wg, pa, pg), True)), ref)
     assert fake.calls == 1
     monkeypatch.delenv(registry.REFERENCE_ENV)
+    ra, rg, _ = _ring(2, 4, 9, 6, seed=5)
+    ring = [mx.array(ra), mx.array(rg), None, None, True, mx.array(6, mx.int32)]
+    ref = np.array(cp.compressor_pool_reference(*ring))
+    assert _ok(cp.compressor_pool(*ring), ref, _oracle(*_ring(2, 4, 9, 6, seed=5)[2], True)[1], 8)
+    assert fake.calls == 2
     tiny = _mx(*_windows(1, 1, 4, 1, True, seed=2, prev=True))  # prev of 4 elements: Metal constant space
     np.testing.assert_array_equal(np.array(cp.compressor_pool(*tiny, True)),
                                   np.array(cp.compressor_pool_reference(*tiny, True)))
-    assert fake.calls == 1
+    assert fake.calls == 2
 
 
 @needs_cxx
@@ -253,8 +306,8 @@ BROKEN = {  # the case each runs on has a prev and n >= 2, so every break shows
     "overlap halves swapped": ("const uint lo = 0, hi = OVERLAP ? D : 0;", "const uint lo = OVERLAP ? D : 0, hi = 0;",
                                "source"),
     "off-by-one slot": ("acc += e * a[s * stride];", "acc += e * a[(s + 1) * stride];", "header"),
-    "prev ignored": ("const bool has_prev = OVERLAP && (j > 0 || HAS_PREV);", "const bool has_prev = OVERLAP && j > 0;",
-                     "source"),
+    "prev ignored": ("const bool has_prev = OVERLAP && (j > 0 || HAS_PREV || RING);",
+                     "const bool has_prev = OVERLAP && (j > 0 || RING);", "source"),
     "previous window off by one": ("pa = wa + cur - RATIO * W + lo + f;", "pa = wa + cur + lo + f;", "source"),
 }
 
@@ -283,5 +336,9 @@ def test_bad_input_is_refused():
         cp.compressor_pool(wa, wa, mx.zeros((1, 4, 3)), None, True)
     with pytest.raises(ValueError, match="prev_a / prev_g must be"):
         cp.compressor_pool(wa, wa, mx.zeros((1, 4, 6)), mx.zeros((1, 4, 6)), True)
+    with pytest.raises(ValueError, match="a ring takes overlap"):
+        cp.compressor_pool(wa[:, 0], wa[:, 0], None, None, False, mx.array(3))
+    with pytest.raises(ValueError, match="a ring takes overlap"):
+        cp.compressor_pool(wa[:, 0], wa[:, 0], None, None, True, mx.array(3.0))
     with pytest.raises(ValueError, match="must be float32 and wa / prev_a at least 8"):
         cp.compressor_pool_kernel(wa.astype(mx.float16), wa.astype(mx.float16), None, None, True)

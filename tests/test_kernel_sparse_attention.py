@@ -93,7 +93,8 @@ def _ref(args):
     return np.array(A.sparse_attention_reference(*args).astype(mx.float32))
 
 
-def _run(spec, args, form="decode", ht=None):
+def _run(spec, args, form="decode", ht=None, ring=False):
+    """ring (decode form): the window as a compiled step's ring holds it, position p in row p % W (row base 0)."""
     q, win, win_start, store, ids, sink, start, ratio, window_size, scale = args
     B, L, H, D = q.shape
     fp8, nope, ck, ce, cr, n = A._store_inputs(q, store)
@@ -101,8 +102,14 @@ def _run(spec, args, form="decode", ht=None):
     tile = 1 if form == "decode" else A.QUERY_TILE
     grid = (32 * (A.SIMD_GROUPS if form == "decode" else A.QUERY_TILE), -(-H // ht), B * -(-L // tile))
     idx = ids if ids is not None else mx.zeros((B, L, 8), mx.int32)
+    pos = [start, win_start, n] + ([] if form == "prefill" else [0 if ring else win_start])
+    if ring:
+        W = win.shape[1]
+        rows = np.zeros(win.shape, np.float32)
+        rows[:, (win_start + np.arange(W)) % W] = np.array(win.astype(mx.float32))
+        win = mx.array(rows).astype(win.dtype)
     (out,) = run_metal_kernel_on_cpu(
-        spec, [q, win, ck, ce, cr, idx, sink, mx.array([start, win_start, n], mx.int32), mx.array(scale)],
+        spec, [q, win, ck, ce, cr, idx, sink, mx.array(pos, mx.int32), mx.array(scale)],
         {"T": q.dtype, "D": D, "NOPE": nope, "HT": ht, "FP8": fp8, "CSA": ids is not None, "WINDOW": window_size,
          "RATIO": ratio}, grid, (grid[0], 1, 1), [q.shape], [q.dtype])
     return out
@@ -128,6 +135,8 @@ DECODE_CASES = {  # (B, L, H, D, W, window_size, start, n, k, dtype, fp8, head t
     "CSA dense bf16, D=96": (1, 1, 8, 96, 16, 16, 70, 17, 6, mx.bfloat16, False, 2),
     "window rows before position 0 (a ring cache's first steps)": (2, 1, 4, 64, 9, 8, 3, 1, None, mx.float32, False,
                                                                   None),
+    "CSA FP8 bf16, a window of 8 in 9 rows (a ring's spare row)": (1, 1, 4, 64, 9, 8, 30, 7, 3, mx.bfloat16, True,
+                                                                   None),
 }
 
 
@@ -137,6 +146,26 @@ def test_decode_kernel_matches_reference(name):
     B, L, H, D, W, ws, start, n, k, dtype, fp8, ht = DECODE_CASES[name]
     args = _case(B, L, H, D, W, ws, start, n, k=k, dtype=dtype, fp8=fp8, seed=len(name))
     assert _ok(_run(DECODE, args, ht=ht), _ref(args), args, dtype)
+
+
+RING_CASES = [name for name, case in DECODE_CASES.items() if case[1] == 1]  # a compiled step feeds one token
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", RING_CASES)
+def test_decode_kernel_reads_a_window_ring(name):
+    """A compiled step's window is a ring (position p in row p % W, no shift per step): the kernel reads the same
+    keys in the same order, so the output equals that of the window in position order bit for bit. Broken
+    variant: rows read from win_start on (the row base ignored), caught where the query sees part of the ring
+    (with all of it in view, a misread ring is a permutation of the same keys)."""
+    B, L, H, D, W, ws, start, n, k, dtype, fp8, ht = DECODE_CASES[name]
+    args = _case(B, L, H, D, W, ws, start, n, k=k, dtype=dtype, fp8=fp8, seed=len(name))
+    want = _run(DECODE, args, ht=ht)
+    np.testing.assert_array_equal(np.array(_run(DECODE, args, ht=ht, ring=True)), np.array(want))
+    broken = variant(DECODE, "(wlo + j - base) % W", "(wlo + j - ws) % W")
+    if min(ws, start + 1) < W:
+        assert assert_caught(lambda: _run(broken, args, ht=ht, ring=True),
+                             lambda o: _ok(o, _ref(args), args, dtype))
 
 
 PREFILL_CASES = {  # (B, L, H, D, W, window_size, start, n, k, dtype, fp8)

@@ -7,6 +7,8 @@ window j's m rows. With overlap (ratio 4, coff = 2) they are 2m: window j-1's ro
 features, then window j's rows on the second half; before window 0 of this call the previous window is
 prev_a / prev_g [B, m, D] (the state's first halves), or, before the first window of all (prev None),
 a = 0 and g = -inf (weight 0). The caller keeps the state.
+A compiled decode step (ring_cache.py) passes its compressor's ring instead, [B, 2m, 2D] with overlap, and its
+position `pos`: window pos // m sits in the ring's half (pos // m) % 2, the window before it in the other.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ def _dims(wa: mx.array) -> tuple[int, int, int, int]:
     return wa.shape if wa.ndim == 4 else (wa.shape[0], 1, *wa.shape[1:])
 
 
-def _check(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: bool) -> int:
+def _check(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: bool, pos=None) -> int:
+    if pos is not None and (not overlap or prev_a is not None or wa.ndim != 3 or wa.shape[1] % 2 or wg.shape != wa.shape
+                            or pos.size != 1 or not mx.issubdtype(pos.dtype, mx.integer)):
+        raise ValueError(f"compressor_pool: a ring takes overlap, no prev, wa / wg [B, 2m, 2D] and one integer "
+                         f"position, got overlap={overlap}, wa {wa.shape}, wg {wg.shape}, pos {pos.dtype} {pos.shape}")
     if wa.ndim not in (3, 4) or wg.shape != wa.shape:
         raise ValueError(f"compressor_pool: wa and wg must be [B, n, m, coff*D] (or one window [B, m, coff*D]) of "
                          f"one shape, got wa {wa.shape}, wg {wg.shape}")
@@ -48,9 +54,23 @@ def overlap_slots(wa, wg, prev_a, prev_g, D: int):
     return mx.concatenate([pa, wa[..., D:]], axis=2), mx.concatenate([pg, wg[..., D:]], axis=2)
 
 
-def compressor_pool_reference(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: bool) -> mx.array:
+def ring_windows(ra: mx.array, rg: mx.array, pos: mx.array):
+    """A ring's window pos // m [B, m, 2D] and the first halves of the one before [B, m, D], as (wa, wg, pa, pg):
+    dynamic slices (a gather by index would be several nodes of a compiled step)."""
+    B, size, F = ra.shape
+    m, D = size // 2, F // 2
+    j = pos.reshape(1) // m
+    this, prev = (j % 2) * m, ((j + 1) % 2) * m
+    wa, wg = (mx.slice(r, this, (1,), (B, m, F)) for r in (ra, rg))
+    pa, pg = (mx.slice(r, prev, (1,), (B, m, D)) for r in (ra, rg))
+    return wa, wg, pa, pg
+
+
+def compressor_pool_reference(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: bool, pos=None) -> mx.array:
     """Pure MLX: the slot layout, then a per-feature softmax over the slots and the weighted sum."""
-    D = _check(wa, wg, prev_a, prev_g, overlap)
+    D = _check(wa, wg, prev_a, prev_g, overlap, pos)
+    if pos is not None:
+        wa, wg, prev_a, prev_g = ring_windows(wa, wg, pos)
     if wa.ndim == 3:
         wa, wg = wa[:, None], wg[:, None]
     if wa.shape[1] == 0:
@@ -71,10 +91,12 @@ def launch_geometry(B: int, n: int, D: int) -> tuple[tuple[int, int, int], tuple
     return (D, n, B), (min(D, 256), 1, 1)
 
 
-def compressor_pool_kernel(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: bool) -> mx.array:
+def compressor_pool_kernel(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: bool, pos=None) -> mx.array:
     """The Metal kernel (float32): one thread per (b, j, feature), one launch."""
-    D = _check(wa, wg, prev_a, prev_g, overlap)
-    B, n, m, _ = _dims(wa)  # a single window is launched as it is (the kernel reads n from wa's rank): no reshape
+    D = _check(wa, wg, prev_a, prev_g, overlap, pos)
+    ring = pos is not None
+    # a single window is launched as it is (the kernel reads n from wa's rank): no reshape; a ring too
+    B, n, m, _ = (wa.shape[0], 1, wa.shape[1] // 2, wa.shape[2]) if ring else _dims(wa)
     if B * n * D == 0:
         return mx.zeros((B, n, D), dtype=mx.float32)
     if not _kernel_ok(wa, wg, prev_a):
@@ -85,15 +107,18 @@ def compressor_pool_kernel(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: 
     # Without a previous window the kernel never reads prev_*: pass wa / wg (device buffers, no allocation).
     pa, pg = (prev_a.astype(mx.float32), prev_g.astype(mx.float32)) if has_prev else (wa, wg)
     grid, tg = launch_geometry(B, n, D)
+    at = pos.reshape(1).astype(mx.int32) if ring else registry.constant((0,), mx.int32)  # read only by a ring
     (out,) = registry.launch(
-        "compressor_pool", [wa, wg, pa, pg], template={"RATIO": m, "OVERLAP": overlap, "HAS_PREV": has_prev},
+        "compressor_pool", [wa, wg, pa, pg, at],
+        template={"RATIO": m, "OVERLAP": overlap, "HAS_PREV": has_prev, "RING": ring},
         grid=grid, threadgroup=tg, output_shapes=[(B, n, D)], output_dtypes=[mx.float32],
     )
     return out
 
 
-def compressor_pool(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: bool) -> mx.array:
-    """Pooled entries [B, n, D] float32: the kernel on Metal (float32 windows), the reference otherwise."""
+def compressor_pool(wa: mx.array, wg: mx.array, prev_a, prev_g, overlap: bool, pos=None) -> mx.array:
+    """Pooled entries [B, n, D] float32 (a ring's: [B, 1, D]): the kernel on Metal (float32 windows), the
+    reference otherwise."""
     if registry.use_kernels() and _kernel_ok(wa, wg, prev_a):
-        return compressor_pool_kernel(wa, wg, prev_a, prev_g, overlap)
-    return compressor_pool_reference(wa, wg, prev_a, prev_g, overlap)
+        return compressor_pool_kernel(wa, wg, prev_a, prev_g, overlap, pos)
+    return compressor_pool_reference(wa, wg, prev_a, prev_g, overlap, pos)

@@ -165,7 +165,7 @@ def kernel_supported(q, window, comp) -> bool:
             and _store_inputs(q, comp) is not None)
 
 
-def _launch(form, q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale):
+def _launch(form, q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale, ring=False):
     _check(q, window, comp, comp_idx, sink, ratio, window_size)
     if not kernel_supported(q, window, comp):
         raise ValueError(f"sparse_attention kernel: q and window must share a dtype in {KERNEL_DTYPES}, D a "
@@ -176,7 +176,8 @@ def _launch(form, q, window, win_start, comp, comp_idx, sink, start, ratio, wind
     csa = comp_idx is not None
     idx = comp_idx.astype(mx.int32) if csa else registry.placeholder((1, 1, 8), mx.int32)
     ht = _head_tile(H, D, B * L if form == "decode" else None)
-    pos = registry.int_inputs(start, win_start, n)
+    # the decode form also takes the window's row base: position p is row (p - base) % W
+    pos = registry.int_inputs(start, win_start, n, *(() if form == "prefill" else (0 if ring else win_start,)))
     tile = 1 if form == "decode" else QUERY_TILE
     grid = (32 * (SIMD_GROUPS if form == "decode" else QUERY_TILE), -(-H // ht), B * -(-L // tile))
     (out,) = registry.launch(
@@ -188,9 +189,11 @@ def _launch(form, q, window, win_start, comp, comp_idx, sink, start, ratio, wind
     return out
 
 
-def sparse_attention_decode(q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale):
-    """The decode kernel: one threadgroup per (query, head tile); heads share each loaded row."""
-    return _launch("decode", q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale)
+def sparse_attention_decode(q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale,
+                            ring: bool = False):
+    """The decode kernel: one threadgroup per (query, head tile); heads share each loaded row. ring: the window
+    is a compiled step's ring (ring_cache.py), position p in row p % W, win_start its oldest position."""
+    return _launch("decode", q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale, ring)
 
 
 def sparse_attention_prefill(q, window, win_start, comp, comp_idx, sink, start, ratio, window_size, scale):
