@@ -29,8 +29,9 @@
 //
 // Without HAS_PREV, prev_a / prev_g are never read; the wrapper passes wa / wg (device buffers, so
 // the pointer selection below has one address space); pos is read only with RING. A ring's halves are
-// read in place: a decode step slices no window out of it (four graph nodes per CSA compressor). Each thread walks its slots twice, strided
-// by the row width (coalesced over f within a SIMD group): a max pass, then exp and the two sums.
+// read in place: a decode step slices no window out of it (four graph nodes per CSA compressor).
+// Each thread walks its slots twice, strided by the row width (coalesced over f within a SIMD group):
+// a max pass, then exp and the two sums.
 // Two passes rather than an online softmax, so the exponents are the reference's, exp(g - max).
 
 // @header

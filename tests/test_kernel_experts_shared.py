@@ -246,7 +246,10 @@ def test_down_writes_the_rounded_sum_in_the_streams_shape():
                                        [shape], [dtype])[0]
 
     want = mx.array(run(DOWN, (N, D), mx.float32)).astype(mx.bfloat16).reshape(1, N, D)
-    same = lambda y: np.array_equal(np.array(mx.array(y).astype(mx.float32)), np.array(want.astype(mx.float32)))  # noqa: E731
+
+    def same(y):
+        return np.array_equal(np.array(mx.array(y).astype(mx.float32)), np.array(want.astype(mx.float32)))
+
     got = run(DOWN, (1, N, D), mx.bfloat16)
     assert got.shape == (1, N, D) and same(got)
     truncated = variant(DOWN, "y[size_t(n) * D + row0 + r] = s;",

@@ -1,7 +1,7 @@
 """MoE router: the pure-MLX reference and the Metal kernel (metal_kernels/moe_router.metal).
 
-x [N, d] (or any leading axes of N rows), gate weight [E, d] -> (weights [N, k] float32, ids [N, k]): z = x . weight^T in float32,
-s = sqrt(softplus(z)); ids = tid2eid[tokens] (hashed layers) or the top-k of s + bias (the bias
+x [N, d] (or any leading axes of N rows), gate weight [E, d] -> (weights [N, k] float32, ids [N, k]):
+z = x . weight^T in float32, s = sqrt(softplus(z)); ids = tid2eid[tokens] (hashed layers) or the top-k of s + bias (the bias
 steers selection only); weights = s[ids] / sum(s[ids]) * route_scale (spec §5). The order of the k
 ids within a token is unspecified (the experts' sum does not depend on it).
 """
@@ -104,7 +104,8 @@ def moe_router(x: mx.array, weight: mx.array, k: int, route_scale: float, *, bia
     """(weights [N, k] float32, ids [N, k]): the kernel on Metal for up to KERNEL_TOKENS tokens, the
     reference otherwise."""
     kw = dict(bias=bias, tid2eid=tid2eid, tokens=tokens)
-    if registry.use_kernels() and x.ndim >= 2 and x.size <= KERNEL_TOKENS * x.shape[-1] and _kernel_ok(x, weight, k) and (
+    small = x.ndim >= 2 and x.size <= KERNEL_TOKENS * x.shape[-1]
+    if registry.use_kernels() and small and _kernel_ok(x, weight, k) and (
             bias is None or bias.dtype in KERNEL_DTYPES):
         return moe_router_kernel(x, weight, k, route_scale, **kw)
     return moe_router_reference(x, weight, k, route_scale, **kw)
