@@ -49,6 +49,10 @@ class Attention(nn.Module):
             self.indexer = Indexer(d, args.q_lora_rank, args.index_n_heads, args.index_head_dim, 4, args.norm_eps)
         self._freqs = inv_freq(args, self.ratio)
 
+    def grouped_shape(self, B: int, L: int) -> tuple[int, ...]:
+        """The attention output [B, L, H, D] as grouped_out takes it: [B, L, G, 1, H D / G]."""
+        return (B, L, self.o_groups, 1, self.n_heads * self.args.head_dim // self.o_groups)
+
     def grouped_out(self, o: mx.array) -> mx.array:
         """o [B, L, H, D] (or [B, L, H*D]) -> wo_b(concat_g wo_a[g] . o_g): a block-diagonal then a dense
         projection.
@@ -56,8 +60,8 @@ class Attention(nn.Module):
         wo_a's rows are split into G groups; packing runs along the inputs, so this split is
         valid for quantized weights too (reshaping across the input axis would not be)."""
         G, R = self.o_groups, self.args.o_lora_rank
+        og = o.reshape(self.grouped_shape(o.shape[0], o.shape[1]))  # no node when o comes in this shape
         B, L = o.shape[:2]
-        og = o.reshape(B, L, G, 1, -1)
         wo_a = self.wo_a
         if "scales" in wo_a:
             # in decode the rows' indices are a shared constant (MLX's own are an arange, which a compiled step
@@ -253,7 +257,7 @@ class Attention(nn.Module):
                                         ring=True)
         else:
             o = self._ring_reference(q, win, ws, store, ids, pos)
-        return rows_finish(o, fr, pos, inverse=True, cs=cs)
+        return rows_finish(o, fr, pos, inverse=True, cs=cs, shape=self.grouped_shape(*o.shape[:2]))
 
     def _ring_reference(self, q, win, ws, store, ids, pos) -> mx.array:
         """The decode kernel's attention in the reference's ops: every window row (in position order, as the

@@ -236,10 +236,19 @@ def test_dispatch_through_the_wrapper(fake, monkeypatch):
     assert fake.calls == 1
     np.testing.assert_array_equal(_bits(_np(ref)), _bits(_np(rf.rows_finish_reference(x, freqs, 12, **kw))))
     monkeypatch.delenv(registry.REFERENCE_ENV)
+    # shape: the same elements in the consumer's shape (grouped_out's [B, L, G, 1, H D / G]), written by the kernel
+    x4 = _data(1, 1, 4, 64, 16, seed=6, xdtype=mx.bfloat16)[0]
+    grouped = rf.rows_finish(x4, freqs, 7, inverse=True, shape=(1, 1, 2, 1, 128))
+    assert fake.calls == 2 and grouped.shape == (1, 1, 2, 1, 128)
+    np.testing.assert_array_equal(_bits(_np(grouped)), _bits(_np(rf.rows_finish(x4, freqs, 7, inverse=True)
+                                                                 .reshape(1, 1, 2, 1, 128))))
+    monkeypatch.setenv(registry.REFERENCE_ENV, "1")
+    assert rf.rows_finish(x4, freqs, 7, inverse=True, shape=(1, 1, 2, 1, 128)).shape == (1, 1, 2, 1, 128)
+    monkeypatch.delenv(registry.REFERENCE_ENV)
     wide = mx.ones((1, 1, 2 * rf.MAX_D))  # rows wider than the registers hold go to the reference
     np.testing.assert_array_equal(_np(rf.rows_finish(wide, freqs, 3, norm=True)),
                                   _np(rf.rows_finish_reference(wide, freqs, 3, norm=True)))
-    assert fake.calls == 1
+    assert fake.calls == 3
 
 
 BROKEN = {  # all on the FP8 case below (D = 128, NOPE = 96: a full and a partial block), bf16
@@ -298,6 +307,8 @@ def test_bad_input_is_refused():
         rf.rows_finish(x, freqs, 0, fp8_nope=65)
     with pytest.raises(ValueError, match="step must be"):
         rf.rows_finish(x, freqs, 0, 0)
+    with pytest.raises(ValueError, match="does not hold the 128 elements"):
+        rf.rows_finish(x, freqs, 0, shape=(1, 2, 2, 32, 2))
     with pytest.raises(ValueError, match="dtype must be"):
         rf.rows_finish(x, freqs, 0, dtype=mx.int32)
     with pytest.raises(ValueError, match="positions within int32"):

@@ -12,6 +12,7 @@ instead of ~3-20 small ops each.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from ..formats import fp8_block_roundtrip
 from ..norm import rms_norm
@@ -97,14 +98,16 @@ def rows_finish_kernel(x, freqs, pos0: int, step: int = 1, *, norm=False, weight
     return _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dtype)
 
 
-def _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dtype) -> mx.array:
-    """rows_finish_kernel once its arguments are checked (the dispatcher checks them only once)."""
+def _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dtype, shape=None) -> mx.array:
+    """rows_finish_kernel once its arguments are checked (the dispatcher checks them only once); shape: the
+    output's (the same rows in another shape, what the consumer takes: no reshape node after the launch)."""
     T = x.dtype if dtype is None else dtype
     B, L = x.shape[:2]
     H = x.shape[2] if x.ndim == 4 else 1
     rows = B * L * H
+    shape = x.shape if shape is None else tuple(shape)
     if rows == 0:
-        return mx.zeros(x.shape, dtype=T)
+        return mx.zeros(shape, dtype=T)
     grid, tg = launch_geometry(rows)
     pos = registry.int_inputs(pos0, step)
     if freqs is None:  # no RoPE (R = 0): the kernel never reads inv_freq
@@ -114,17 +117,21 @@ def _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dt
             "INVERSE": bool(inverse)}
     # x as it is, [B, L, D] or [B, L, H, D]: the kernel reads H from its rank (no reshape nodes)
     (out,) = registry.launch("rows_finish", [x, w, freqs, pos, registry.constant(eps, mx.float32)],
-                             template=tmpl, grid=grid, threadgroup=tg, output_shapes=[x.shape], output_dtypes=[T])
+                             template=tmpl, grid=grid, threadgroup=tg, output_shapes=[shape], output_dtypes=[T])
     return out
 
 
 def rows_finish(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6, inverse=False,
-                fp8_nope=0, dtype=None, cs=None) -> mx.array:
+                fp8_nope=0, dtype=None, cs=None, shape=None) -> mx.array:
     """Finished rows in `dtype` (default x.dtype): the kernel on Metal, the reference otherwise
-    (`cs`: see rows_finish_reference; the kernel computes its angles itself)."""
+    (`cs`: see rows_finish_reference; the kernel computes its angles itself). shape: the output's, the same
+    elements in another shape (default x's; the kernel writes it directly)."""
+    if shape is not None and (len(shape) < 1 or -1 in shape or int(np.prod(shape)) != x.size):
+        raise ValueError(f"rows_finish: shape {tuple(shape)} does not hold the {x.size} elements of x {x.shape}")
     if registry.use_kernels():
         D, R = _check(x, freqs, weight, fp8_nope, step, dtype)
         if _kernel_ok(x, freqs, pos0, step, dtype):
-            return _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dtype)
-    return rows_finish_reference(x, freqs, pos0, step, norm=norm, weight=weight, eps=eps, inverse=inverse,
-                                 fp8_nope=fp8_nope, dtype=dtype, cs=cs)
+            return _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dtype, shape)
+    y = rows_finish_reference(x, freqs, pos0, step, norm=norm, weight=weight, eps=eps, inverse=inverse,
+                              fp8_nope=fp8_nope, dtype=dtype, cs=cs)
+    return y if shape is None else y.reshape(shape)
