@@ -3,7 +3,9 @@
 //
 // @kernel         store_encode
 // @inputs         x: any float[R, D]
-// @outputs        codes: uint8[R, N] (FP8) or [R, N / 2] (FP4, element 2j low nibble); exps: uint8[R, NB]
+// @outputs        codes: uint8[R, N] (FP8) or [R, N / 2] (FP4, element 2j low nibble); exps: uint8[R, NB];
+//                 rest: x's type [R, D - N], channels N.. as they are (FP8's RoPE part, stored unencoded: no
+//                 slice node before the store's write), or with FP4 / N = D a placeholder never written
 // @template       D: int; N: int; FP4: bool
 // @include        formats
 // @grid           (32, R, 1): one SIMD group per row; lane l holds channels 64 k + 2 l, + 1 of chunk k
@@ -93,5 +95,10 @@ for (int k = 0; k < (N + 63) / 64; ++k) {
     if (lane == 0) {
       exps[row * NB + k] = uint8_t(e);
     }
+  }
+}
+if (!FP4) {
+  for (int c = N + int(lane); c < D; c += 32) {
+    rest[row * (D - N) + (c - N)] = x[row * D + c];
   }
 }

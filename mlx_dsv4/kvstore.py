@@ -102,8 +102,8 @@ class FP8Rows(Rows):
         self.nope, self.block = nope, block
 
     def encode(self, rows):
-        codes, exps = fp8_encode(rows, self.nope, self.block)
-        return {"codes": codes, "exps": exps, "rope": rows[..., self.nope :]}
+        codes, exps, rope = fp8_encode(rows, self.nope, self.block, rest=True)
+        return {"codes": codes, "exps": exps, "rope": rope}
 
     def decode(self, p, dtype):
         dtype = dtype or p["rope"].dtype

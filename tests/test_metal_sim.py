@@ -119,9 +119,9 @@ def test_generated_source_equals_mlx(capfd):
         ("indexer_topk", [mx.zeros((2, 3, 40)), mx.zeros((2,), mx.int32), mx.array(16, mx.int32)], [("RATIO", 4)],
          [mx.int32], [(2, 3, 16)]),
         ("store_encode", [mx.zeros((2, 512), mx.bfloat16)], [("D", 512), ("N", 448), ("FP4", False)],
-         [mx.uint8, mx.uint8], [(2, 448), (2, 7)]),
-        ("store_encode", [mx.zeros((3, 48))], [("D", 48), ("N", 48), ("FP4", True)], [mx.uint8, mx.uint8],
-         [(3, 24), (3, 2)]),
+         [mx.uint8, mx.uint8, mx.bfloat16], [(2, 448), (2, 7), (2, 64)]),
+        ("store_encode", [mx.zeros((3, 48))], [("D", 48), ("N", 48), ("FP4", True)], [mx.uint8, mx.uint8, mx.float32],
+         [(3, 24), (3, 2), (1,)]),
     ]:
         ks = load_spec(name)
         assert generated_source(ks, args, dict(tmpl), odt) == _mlx_printed(capfd, ks, args, tmpl, odt, oshape)

@@ -46,7 +46,8 @@ def launch_geometry(rows: int) -> tuple[tuple[int, int, int], tuple[int, int, in
     return (32, rows, 1), (32, min(rows, ROWS_PER_THREADGROUP), 1)
 
 
-def _kernel(rows: mx.array, nope: int | None) -> tuple[mx.array, mx.array]:
+def _kernel(rows: mx.array, nope: int | None) -> tuple[mx.array, mx.array, mx.array | None]:
+    """(codes, exps, rows[..., nope:] (FP8 with nope < D; else None))."""
     D = _check(rows, nope)
     fp4, n = nope is None, D if nope is None else int(nope)
     if rows.dtype not in KERNEL_DTYPES:
@@ -55,31 +56,37 @@ def _kernel(rows: mx.array, nope: int | None) -> tuple[mx.array, mx.array]:
     R = rows.size // D
     nb = -(-n // (32 if fp4 else 64))
     width = n // 2 if fp4 else n
+    rest = 0 if fp4 else D - n
     if R == 0:
-        return mx.zeros((*lead, width), mx.uint8), mx.zeros((*lead, nb), mx.uint8)
+        return mx.zeros((*lead, width), mx.uint8), mx.zeros((*lead, nb), mx.uint8), rows[..., n:] if rest else None
     grid, tg = launch_geometry(R)
     # the kernel indexes rows by the grid alone (it reads no shape): rows and outputs keep the caller's shapes,
     # no reshape nodes around the launch (a compiled decode step replays each one)
-    return registry.launch("store_encode", [rows], template={"D": D, "N": n, "FP4": fp4}, grid=grid, threadgroup=tg,
-                           output_shapes=[(*lead, width), (*lead, nb)], output_dtypes=[mx.uint8, mx.uint8])
+    codes, exps, tail = registry.launch(
+        "store_encode", [rows], template={"D": D, "N": n, "FP4": fp4}, grid=grid, threadgroup=tg,
+        output_shapes=[(*lead, width), (*lead, nb), (*lead, rest) if rest else (1,)],
+        output_dtypes=[mx.uint8, mx.uint8, rows.dtype])
+    return codes, exps, tail if rest else None
 
 
-def fp8_encode_kernel(rows: mx.array, nope: int) -> tuple[mx.array, mx.array]:
-    """The Metal kernel: one SIMD group per row, one launch."""
-    return _kernel(rows, nope)
+def fp8_encode_kernel(rows: mx.array, nope: int, rest: bool = False) -> tuple[mx.array, ...]:
+    """The Metal kernel: one SIMD group per row, one launch; rest: also rows[..., nope:], which it copies."""
+    codes, exps, tail = _kernel(rows, nope)
+    return (codes, exps, rows[..., nope:] if tail is None else tail) if rest else (codes, exps)
 
 
 def fp4_encode_kernel(rows: mx.array) -> tuple[mx.array, mx.array]:
-    return _kernel(rows, None)
+    return _kernel(rows, None)[:2]
 
 
-def fp8_encode(rows: mx.array, nope: int, block: int = 64) -> tuple[mx.array, mx.array]:
+def fp8_encode(rows: mx.array, nope: int, block: int = 64, rest: bool = False) -> tuple[mx.array, ...]:
     """(codes, exps) of rows[..., :nope] in FP8 1 x block blocks: the kernel on Metal (block 64, the trained
-    one), the reference otherwise."""
+    one), the reference otherwise. rest: also rows[..., nope:], the channels stored as they are (from the kernel:
+    no slice node)."""
     _check(rows, nope)
     if registry.use_kernels() and rows.dtype in KERNEL_DTYPES and block == 64:
-        return fp8_encode_kernel(rows, nope)
-    return fp8_encode_reference(rows, nope, block)
+        return fp8_encode_kernel(rows, nope, rest)
+    return (*fp8_encode_reference(rows, nope, block), *((rows[..., nope:],) if rest else ()))
 
 
 def fp4_encode(rows: mx.array, block: int = 32) -> tuple[mx.array, mx.array]:
