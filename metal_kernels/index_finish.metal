@@ -3,7 +3,8 @@
 // normalised Walsh-Hadamard transform, rounding to bf16 and FP4 e2m1 in 1x32 blocks with E8M0 scales.
 //
 // @kernel         index_finish
-// @inputs         x: T[B, L, H, D] or keys T[B, L, D] (H = 1); freqs: float[R2]; weight: float[D];
+// @inputs         x: T[B, L, H, D] or [B, L, H D] (q as projected) or keys T[B, L, D] (H = 1); freqs: float[R2];
+//                 weight: float[D];
 //                 pos: int32[2]; consts: float[2]
 // @outputs        out: T, x's shape
 // @template       T: type; D: int; R2: int; NORM: bool; QAT: bool
@@ -57,7 +58,7 @@ static_assert(2 * R2 <= D, "the rope channels exceed the row");
 
 const uint row = thread_position_in_grid.x / 32;
 const uint lane = thread_index_in_simdgroup;
-const uint t = (row / (x_ndim == 4 ? x_shape[2] : 1)) % x_shape[1];  // the row's token (keys [B, L, D]: H = 1)
+const uint t = (row / (x_ndim == 4 ? x_shape[2] : x_shape[2] / D)) % x_shape[1];  // the row's token
 const device T* xr = x + size_t(row) * D;
 device T* yr = out + size_t(row) * D;
 

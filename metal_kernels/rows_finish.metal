@@ -2,7 +2,8 @@
 // (forward or inverse) on the last R channels, optional FP8 e4m3 1x64 block rounding of the first NOPE.
 //
 // @kernel         rows_finish
-// @inputs         x: any float[B, L, H, D] or [B, L, D] (H = 1); weight: float[D] (read only with WEIGHT); inv_freq: float[R / 2];
+// @inputs         x: any float[B, L, H, D] or [B, L, H D] (a projection's H rows per position, H = 1: [B, L, D]);
+//                 weight: float[D] (read only with WEIGHT); inv_freq: float[R / 2];
 //                 pos: int32[2] (pos0, step: the token at index l along L is at pos0 + l step); eps: float[]
 // @outputs        out: T, x's shape
 // @template       T: type; D: int; R: int; NOPE: int; NORM: bool; WEIGHT: bool; INVERSE: bool
@@ -45,7 +46,7 @@ constexpr int K = (D + 31) / 32;
 constexpr int ROPE0 = D - R;              // first rotated channel (even)
 const uint lane = thread_position_in_grid.x;
 const uint row = thread_position_in_grid.y;
-const uint L = x_shape[1], H = x_ndim == 4 ? x_shape[2] : 1;  // the grid is exact (32 x rows)
+const uint L = x_shape[1], H = x_ndim == 4 ? x_shape[2] : x_shape[2] / D;  // the grid is exact (32 x rows)
 const size_t base = size_t(row) * D;
 
 float v[K];

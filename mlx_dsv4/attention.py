@@ -82,17 +82,17 @@ class Attention(nn.Module):
         a = self.args
         B, L, _ = x.shape
         qr = rows_finish(self.wq_a(x), None, 0, norm=True, weight=self.q_norm.weight, eps=self.q_norm.eps)
-        q, kv = self.wq_b(qr).reshape(B, L, self.n_heads, a.head_dim), self.wkv(x)
+        q, kv = self.wq_b(qr), self.wkv(x)  # q [B, L, H D]: a ring step's kernel takes it so (no reshape node)
         rows = getattr(cache, "rows", None)
         if isinstance(cache, RingCache):
             o = self.attend_ring(x, qr, q, kv, cache, simulate)
         elif rows is None:
-            o = self.attend(x, qr, q, kv, cache, simulate)
+            o = self.attend(x, qr, q.reshape(B, L, self.n_heads, a.head_dim), kv, cache, simulate)
         else:
             if len(rows) != B:
                 raise ValueError(f"{len(rows)} row caches for a batch of {B}")
             starts = [c.offset for c in rows]
-            q, kv, cs = self.finish_rows(q, kv, starts, simulate)
+            q, kv, cs = self.finish_rows(q.reshape(B, L, self.n_heads, a.head_dim), kv, starts, simulate)
             if L == 1 and not registry.use_kernels():
                 o = self.attend_rows(x, qr, q, kv, rows, simulate, cs)
             else:  # the kernels take one scalar position: row by row
@@ -231,14 +231,14 @@ class Attention(nn.Module):
                     simulate: bool) -> mx.array:
         """`attend` for one token over a RingCache at its array position cache.pos (compiled_step.py): the same
         values from fixed-size buffers, the rows past what the query sees masked (the kernels take the position
-        as an input array)."""
+        as an input array). q comes as projected, [B, 1, H D]; the output in grouped_out's shape."""
         a = self.args
         if x.shape[1] != 1:
             raise ValueError(f"a ring cache takes one token per step, got {x.shape[1]}")
         D, fr, pos, m = a.head_dim, self._freqs, cache.pos, self.ratio
         nope_fp8 = D - a.rope_head_dim if simulate else 0
         cs = table(fr, pos, 1)  # the reference's angles for q, kv and the output
-        q = rows_finish(q, fr, pos, norm=True, eps=a.norm_eps, cs=cs)
+        q = rows_finish(q, fr, pos, norm=True, eps=a.norm_eps, cs=cs, heads=self.n_heads)  # q [B, 1, H D] as given
         kv = rows_finish(kv, fr, pos, norm=True, weight=self.kv_norm.weight, eps=self.kv_norm.eps, fp8_nope=nope_fp8,
                          cs=cs)
         win, ws = cache.push_window(kv)

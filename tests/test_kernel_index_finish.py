@@ -67,8 +67,9 @@ def _ok(out, ref, dtype, qat) -> bool:
     return bool((d <= bound).all())
 
 
-def _run(spec, x, freqs, pos0, step, qat, w=None, eps=1e-6):
-    D = x.shape[-1]
+def _run(spec, x, freqs, pos0, step, qat, w=None, eps=1e-6, D=None):
+    """D: the row width where x is [B, L, H D] (q as projected)."""
+    D = D or x.shape[-1]
     threads = 32 * (x.size // D)
     (out,) = run_metal_kernel_on_cpu(  # x as the wrapper passes it: keys [B, n, D] unreshaped
         spec, [x, freqs, freqs if w is None else w, mx.array([pos0, step], mx.int32),
@@ -171,6 +172,26 @@ def test_dispatch_through_the_wrapper(monkeypatch):
     monkeypatch.setenv(registry.REFERENCE_ENV, "1")
     ixf.index_finish(x, fr, 8, 4, True, w, 1e-6)
     assert fake.calls == 1
+    with pytest.raises(ValueError, match="heads must be a positive int dividing"):
+        ixf.index_finish(x, fr, 8, 4, True, heads=3)
+
+
+@needs_cxx
+def test_q_as_projected(monkeypatch):
+    """q [B, L, H D] with heads=H, as its projection gives it (no reshape node before the launch): H rows of
+    width D per token, through the wrapper against the reference on the [B, L, H, D] view (reference path too).
+    Broken variant: the rank-3 rows read as one per token, which puts heads at other tokens' positions."""
+    fake = fake_metal(monkeypatch, SPEC)
+    x, fr, _ = _case(2, 3, 4, 128, 32, False, mx.bfloat16, 7)
+    flat = x.reshape(2, 3, 512)
+    ref = ixf.index_finish_reference(x, fr, 40, 1, True)
+    got = ixf.index_finish(flat, fr, 40, 1, True, heads=4)
+    assert fake.calls == 1 and got.shape == (2, 3, 4, 128) and _ok(got, ref, mx.bfloat16, True)
+    monkeypatch.setenv(registry.REFERENCE_ENV, "1")
+    np.testing.assert_array_equal(_f64(ixf.index_finish(flat, fr, 40, 1, True, heads=4)), _f64(ref))
+    broken = variant(SPEC, "x_ndim == 4 ? x_shape[2] : x_shape[2] / D", "x_ndim == 4 ? x_shape[2] : 1")
+    assert assert_caught(lambda: _run(broken, flat, fr, 40, 1, True, D=128).reshape(2, 3, 4, 128),
+                         lambda o: _ok(o, ref, mx.bfloat16, True))
 
 
 def _indexer_run(idx, toks, chunks):
@@ -211,7 +232,8 @@ BROKEN = {  # (old, new, section)
     "rope partner from the wrong lane": ("simd_shuffle_xor(v[k], 1)", "simd_shuffle_xor(v[k], 2)", "source"),
     "off-by-one rope position": ("pos[0] + int(t) * pos[1]", "pos[0] + int(t + 1) * pos[1]", "source"),
     "norm over one register only": ("ss += v[k] * v[k];", "ss = v[k] * v[k];", "source"),
-    "keys' heads read from the shape": ("(row / (x_ndim == 4 ? x_shape[2] : 1))", "(row / x_shape[2])", "source"),
+    "keys' heads read from the shape": ("(row / (x_ndim == 4 ? x_shape[2] : x_shape[2] / D))", "(row / x_shape[2])",
+                                        "source"),
 }
 
 

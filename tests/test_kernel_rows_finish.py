@@ -158,10 +158,11 @@ def _kw(norm, w, inverse, fp8, D, R, dtype):
                 fp8_nope=D - R if fp8 else 0, dtype=dtype)
 
 
-def _run(spec, x, w, freqs, pos0, step, kw):
+def _run(spec, x, w, freqs, pos0, step, kw, heads=None):
+    """heads: x is [B, L, heads D] (a projection's rows as they come)."""
     B, L = x.shape[:2]
-    H = x.shape[2] if x.ndim == 4 else 1
-    D, R = x.shape[-1], 2 * freqs.shape[0]
+    H = x.shape[2] if x.ndim == 4 else heads or 1
+    D, R = x.shape[-1] // (heads or 1), 2 * freqs.shape[0]
     T = kw["dtype"]
     grid, tg = rf.launch_geometry(B * L * H)
     tmpl = {"T": T, "D": D, "R": R, "NOPE": kw["fp8_nope"], "NORM": kw["norm"], "WEIGHT": kw["weight"] is not None,
@@ -289,8 +290,24 @@ def test_rank_3_rows_take_their_own_positions():
     kw = dict(norm=True, weight=w, eps=EPS, inverse=False, fp8_nope=0, dtype=mx.float32)
     ref = _np(rf.rows_finish_reference(x, freqs, 9, 2, **kw))
     assert _close(_run(SPEC, x, w, freqs, 9, 2, kw), ref, 16, mx.float32)
-    broken = variant(SPEC, "x_ndim == 4 ? x_shape[2] : 1", "x_shape[2]")
+    broken = variant(SPEC, "x_ndim == 4 ? x_shape[2] : x_shape[2] / D", "x_shape[2]")
     assert assert_caught(lambda: _run(broken, x, w, freqs, 9, 2, kw), lambda out: _close(out, ref, 16, mx.float32))
+
+
+@needs_cxx
+def test_a_projections_heads_are_rows_at_their_positions(fake):
+    """q as its projection gives it, [B, L, H D] with heads=H (no reshape node before the launch): H rows of width
+    D per position, through the wrapper against the reference on the [B, L, H, D] view. Broken variant: the rank-3
+    rows read as one per position (H = 1), which puts heads at other tokens' positions."""
+    x, _, freqs = _data(2, 3, 4, 64, 16, seed=17, xdtype=mx.bfloat16)
+    flat = x.reshape(2, 3, 256)
+    kw = dict(norm=True, weight=None, eps=EPS, inverse=False, fp8_nope=0, dtype=mx.bfloat16)
+    ref = _np(rf.rows_finish_reference(x, freqs, 31, 1, **kw))
+    got = rf.rows_finish(flat, freqs, 31, **kw, heads=4)
+    assert fake.calls == 1 and got.shape == (2, 3, 4, 64) and _close(_np(got), ref, 16, mx.bfloat16)
+    broken = variant(SPEC, "x_ndim == 4 ? x_shape[2] : x_shape[2] / D", "x_ndim == 4 ? x_shape[2] : 1")
+    assert assert_caught(lambda: _run(broken, flat, freqs, freqs, 31, 1, kw, heads=4).reshape(2, 3, 4, 64),
+                         lambda out: _close(out, ref, 16, mx.bfloat16))
 
 
 def test_bad_input_is_refused():
@@ -307,6 +324,8 @@ def test_bad_input_is_refused():
         rf.rows_finish(x, freqs, 0, fp8_nope=65)
     with pytest.raises(ValueError, match="step must be"):
         rf.rows_finish(x, freqs, 0, 0)
+    with pytest.raises(ValueError, match="heads must be a positive int dividing"):
+        rf.rows_finish(x, freqs, 0, heads=3)
     with pytest.raises(ValueError, match="does not hold the 128 elements"):
         rf.rows_finish(x, freqs, 0, shape=(1, 2, 2, 32, 2))
     with pytest.raises(ValueError, match="dtype must be"):

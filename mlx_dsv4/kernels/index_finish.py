@@ -53,37 +53,52 @@ def _finish(simulate, eps, x, cos, sin, *w):
     return indexer_roundtrip(x).astype(x.dtype) if simulate else x
 
 
-def _kernel_ok(x: mx.array, freqs: mx.array) -> bool:
-    return x.dtype in KERNEL_DTYPES and x.shape[-1] in KERNEL_WIDTHS and freqs.dtype == mx.float32
+def _kernel_ok(x: mx.array, freqs: mx.array, D: int | None = None) -> bool:
+    return x.dtype in KERNEL_DTYPES and (D or x.shape[-1]) in KERNEL_WIDTHS and freqs.dtype == mx.float32
+
+
+def _heads(x: mx.array, heads: int | None) -> mx.array | tuple:
+    """The rows' shape [B, L, heads, D] of a projection's x [B, L, heads D] (x's own without heads)."""
+    if heads is None:
+        return x.shape
+    if x.ndim != 3 or not isinstance(heads, int) or heads < 1 or x.shape[-1] % heads:
+        raise ValueError(f"index_finish: heads must be a positive int dividing the last axis of x [B, L, H*D], got "
+                         f"{heads!r} for x {x.shape}")
+    return (*x.shape[:2], heads, x.shape[-1] // heads)
 
 
 def index_finish_kernel(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
-                        weight: mx.array | None = None, eps: float = 0.0) -> mx.array:
-    """The Metal kernel: one SIMD group per row, one launch."""
-    _check(x, freqs, pos0, pos_step, weight)
-    if not _kernel_ok(x, freqs):
+                        weight: mx.array | None = None, eps: float = 0.0, heads: int | None = None) -> mx.array:
+    """The Metal kernel: one SIMD group per row, one launch. heads: x is [B, L, heads D] as a projection gives it
+    (rows of width D; the output [B, L, heads, D])."""
+    shape = _heads(x, heads)
+    _check(x.reshape(shape) if heads else x, freqs, pos0, pos_step, weight)
+    if not _kernel_ok(x, freqs, shape[-1]):
         raise ValueError(f"index_finish kernel: x must be one of {KERNEL_DTYPES} with D in {KERNEL_WIDTHS} and "
-                         f"freqs float32; got {x.dtype}, D={x.shape[-1]}, freqs {freqs.dtype}")
+                         f"freqs float32; got {x.dtype}, D={shape[-1]}, freqs {freqs.dtype}")
     if x.size == 0:
-        return x
-    D = x.shape[-1]
+        return x.reshape(shape)
+    D = shape[-1]
     threads = 32 * (x.size // D)
-    # x as it is, q [B, L, H, D] or keys [B, L, D]: the kernel reads H from its rank (no reshape nodes)
+    # x as it is, q [B, L, H, D] or [B, L, H D] or keys [B, L, D]: the kernel reads H from its shape (no reshape
+    # nodes)
     (out,) = registry.launch(
         "index_finish",
         [x, freqs, freqs if weight is None else weight.astype(mx.float32),  # unread without NORM
          registry.int_inputs(pos0, pos_step), registry.constant((eps, D**-0.5), mx.float32)],
         template={"T": x.dtype, "D": D, "R2": freqs.shape[0], "NORM": weight is not None, "QAT": bool(simulate)},
         grid=(threads, 1, 1), threadgroup=(min(threads, 32 * ROWS_PER_THREADGROUP), 1, 1),
-        output_shapes=[x.shape], output_dtypes=[x.dtype],
+        output_shapes=[shape], output_dtypes=[x.dtype],
     )
     return out
 
 
 def index_finish(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
-                 weight: mx.array | None = None, eps: float = 0.0, cs=None) -> mx.array:
+                 weight: mx.array | None = None, eps: float = 0.0, cs=None, heads: int | None = None) -> mx.array:
     """Finished indexer q / keys in x.dtype: the kernel on Metal, the reference otherwise or with a
-    per-row angle table `cs` (the kernel takes one scalar position)."""
-    if cs is None and registry.use_kernels() and _kernel_ok(x, freqs):
-        return index_finish_kernel(x, freqs, pos0, pos_step, simulate, weight, eps)
-    return index_finish_reference(x, freqs, pos0, pos_step, simulate, weight, eps, cs)
+    per-row angle table `cs` (the kernel takes one scalar position). heads: x is [B, L, heads D] (q as its
+    projection gives it), finished as its [B, L, heads, D] rows."""
+    shape = _heads(x, heads)
+    if cs is None and registry.use_kernels() and _kernel_ok(x, freqs, shape[-1]):
+        return index_finish_kernel(x, freqs, pos0, pos_step, simulate, weight, eps, heads)
+    return index_finish_reference(x.reshape(shape) if heads else x, freqs, pos0, pos_step, simulate, weight, eps, cs)

@@ -24,11 +24,14 @@ MAX_D = 2048  # the kernel keeps a row in registers: D / 32 floats per lane (q_l
 ROWS_PER_THREADGROUP = 8  # SIMD groups (one row each) per threadgroup
 
 
-def _check(x, freqs, weight, fp8_nope, step, dtype) -> tuple[int, int]:
+def _check(x, freqs, weight, fp8_nope, step, dtype, heads=None) -> tuple[int, int]:
     """Raises ValueError naming the bad argument; returns (D, R)."""
     if x.ndim not in (3, 4) or not mx.issubdtype(x.dtype, mx.floating):
         raise ValueError(f"rows_finish: x must be a float [B, L, D] or [B, L, H, D] array, got {x.dtype} {x.shape}")
-    D = x.shape[-1]
+    if heads is not None and (x.ndim != 3 or not isinstance(heads, int) or heads < 1 or x.shape[-1] % heads):
+        raise ValueError(f"rows_finish: heads must be a positive int dividing the last axis of x [B, L, H*D], got "
+                         f"{heads!r} for x {x.shape}")
+    D = x.shape[-1] // (heads or 1)
     if freqs is not None and (freqs.ndim != 1 or freqs.dtype != mx.float32 or not 0 < 2 * freqs.shape[0] <= D):
         raise ValueError(f"rows_finish: freqs must be None (no RoPE) or float32 [R / 2] with 0 < R <= D = {D}, "
                          f"got {freqs.dtype} {freqs.shape}")
@@ -75,13 +78,13 @@ def _finish(dtype, norm, has_weight, eps, has_rope, inverse, fp8_nope, x, *array
     return fp8_block_roundtrip(y, block=64, dims=fp8_nope) if fp8_nope else y
 
 
-def _kernel_ok(x, freqs, pos0, step, dtype) -> bool:
+def _kernel_ok(x, freqs, pos0, step, dtype, D=None) -> bool:
     """Float inputs and output, a row that fits the registers, positions exact in int32 (as the reference's)."""
     L = x.shape[1]
     out = x.dtype if dtype is None else dtype
     last = pos0 + max(L - 1, 0) * step
     fits = isinstance(pos0, mx.array) or (-(2**31) <= min(pos0, last) and max(pos0, last) < 2**31)
-    return x.dtype in KERNEL_DTYPES and out in KERNEL_DTYPES and x.shape[-1] <= MAX_D and fits
+    return x.dtype in KERNEL_DTYPES and out in KERNEL_DTYPES and (D or x.shape[-1]) <= MAX_D and fits
 
 
 def launch_geometry(rows: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -103,9 +106,9 @@ def _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dt
     output's (the same rows in another shape, what the consumer takes: no reshape node after the launch)."""
     T = x.dtype if dtype is None else dtype
     B, L = x.shape[:2]
-    H = x.shape[2] if x.ndim == 4 else 1
+    H = x.shape[2] if x.ndim == 4 else x.shape[2] // D  # rank 3: [B, L, H D], H rows of width D per position
     rows = B * L * H
-    shape = x.shape if shape is None else tuple(shape)
+    shape = (x.shape if H == 1 or x.ndim == 4 else (B, L, H, D)) if shape is None else tuple(shape)
     if rows == 0:
         return mx.zeros(shape, dtype=T)
     grid, tg = launch_geometry(rows)
@@ -122,16 +125,19 @@ def _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dt
 
 
 def rows_finish(x, freqs, pos0: int, step: int = 1, *, norm=False, weight=None, eps=1e-6, inverse=False,
-                fp8_nope=0, dtype=None, cs=None, shape=None) -> mx.array:
+                fp8_nope=0, dtype=None, cs=None, shape=None, heads=None) -> mx.array:
     """Finished rows in `dtype` (default x.dtype): the kernel on Metal, the reference otherwise
     (`cs`: see rows_finish_reference; the kernel computes its angles itself). shape: the output's, the same
-    elements in another shape (default x's; the kernel writes it directly)."""
+    elements in another shape (default x's; the kernel writes it directly). heads: x is [B, L, heads D] as a
+    projection gives it, rows of width D (the output [B, L, heads, D] by default; the kernel reads x as it is)."""
     if shape is not None and (len(shape) < 1 or -1 in shape or int(np.prod(shape)) != x.size):
         raise ValueError(f"rows_finish: shape {tuple(shape)} does not hold the {x.size} elements of x {x.shape}")
-    if registry.use_kernels():
-        D, R = _check(x, freqs, weight, fp8_nope, step, dtype)
-        if _kernel_ok(x, freqs, pos0, step, dtype):
+    if registry.use_kernels() or heads is not None:  # (the reference checks its own arguments)
+        D, R = _check(x, freqs, weight, fp8_nope, step, dtype, heads)
+        if registry.use_kernels() and _kernel_ok(x, freqs, pos0, step, dtype, D):
             return _launch(x, freqs, pos0, step, D, R, norm, weight, eps, inverse, fp8_nope, dtype, shape)
+        if heads is not None:
+            x = x.reshape(*x.shape[:2], heads, D)
     y = rows_finish_reference(x, freqs, pos0, step, norm=norm, weight=weight, eps=eps, inverse=inverse,
                               fp8_nope=fp8_nope, dtype=dtype, cs=cs)
     return y if shape is None else y.reshape(shape)
