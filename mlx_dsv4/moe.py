@@ -195,15 +195,16 @@ class MoE(nn.Module):
         experts are streamed from disk; None when they are resident."""
         shape = x.shape
         w, ids = self.gate(x, tokens.reshape(-1))
+        if self.shard is None and experts is None and self.experts.takes_kernels(ids) and (
+                shared := self.shared_experts.mxfp8()) is not None:
+            # decode on a converted checkpoint: routed + shared in two kernels, which take x and give y as the
+            # stream takes it (x's shape and dtype: no reshape or cast node in a compiled step)
+            return self.experts(x, ids, w, shared, dtype=x.dtype)
         flat = x.reshape(-1, shape[-1])
         if self.shard is not None:
             y = self._partial(flat, w, ids)
         elif experts is not None:
             y = self._streamed(flat, w, ids, experts)
-        elif (shared := self.shared_experts.mxfp8() if self.experts.takes_kernels(ids) else None) is not None:
-            # decode on a converted checkpoint: routed + shared in two kernels, which take x and give y as the
-            # stream takes it (x's shape and dtype: no reshape or cast node in a compiled step)
-            y = self.experts(x, ids, w, shared, dtype=x.dtype)
         else:
             y = self.experts(flat, ids, w) + self.shared_experts(flat).astype(mx.float32)
         return y.astype(x.dtype).reshape(shape)  # back to the model dtype: fp32 must not leak

@@ -21,16 +21,18 @@ KERNEL_WIDTHS = (32, 64, 128, 256)
 ROWS_PER_THREADGROUP = 4  # SIMD groups (one row each) per threadgroup
 
 
-def _check(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, weight) -> None:
+def _check(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, weight, D: int | None = None) -> None:
+    """D: the row width (x's last axis unless x is a projection's [B, L, H D])."""
+    D = D or x.shape[-1]
     if x.ndim not in (3, 4) or not mx.issubdtype(x.dtype, mx.floating):
         raise ValueError(f"index_finish: x must be a float [B, L, H, D] or [B, L, D], got {x.dtype} {x.shape}")
-    if freqs.ndim != 1 or 2 * freqs.shape[0] > x.shape[-1]:
-        raise ValueError(f"index_finish: freqs must be [R/2] with R <= D = {x.shape[-1]}, got {freqs.shape}")
+    if freqs.ndim != 1 or 2 * freqs.shape[0] > D:
+        raise ValueError(f"index_finish: freqs must be [R/2] with R <= D = {D}, got {freqs.shape}")
     if not isinstance(pos0, (int, mx.array)) or not isinstance(pos_step, int) or pos_step < 1:
         raise ValueError(f"index_finish: pos0 must be an int or an int array, pos_step an int >= 1; got {pos0!r}, "
                          f"{pos_step!r}")
-    if weight is not None and weight.shape != (x.shape[-1],):
-        raise ValueError(f"index_finish: weight must be [{x.shape[-1]}], got {weight.shape}")
+    if weight is not None and weight.shape != (D,):
+        raise ValueError(f"index_finish: weight must be [{D}], got {weight.shape}")
 
 
 def index_finish_reference(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, simulate: bool,
@@ -57,7 +59,7 @@ def _kernel_ok(x: mx.array, freqs: mx.array, D: int | None = None) -> bool:
     return x.dtype in KERNEL_DTYPES and (D or x.shape[-1]) in KERNEL_WIDTHS and freqs.dtype == mx.float32
 
 
-def _heads(x: mx.array, heads: int | None) -> mx.array | tuple:
+def _heads(x: mx.array, heads: int | None) -> tuple:
     """The rows' shape [B, L, heads, D] of a projection's x [B, L, heads D] (x's own without heads)."""
     if heads is None:
         return x.shape
@@ -72,7 +74,7 @@ def index_finish_kernel(x: mx.array, freqs: mx.array, pos0: int, pos_step: int, 
     """The Metal kernel: one SIMD group per row, one launch. heads: x is [B, L, heads D] as a projection gives it
     (rows of width D; the output [B, L, heads, D])."""
     shape = _heads(x, heads)
-    _check(x.reshape(shape) if heads else x, freqs, pos0, pos_step, weight)
+    _check(x, freqs, pos0, pos_step, weight, shape[-1])
     if not _kernel_ok(x, freqs, shape[-1]):
         raise ValueError(f"index_finish kernel: x must be one of {KERNEL_DTYPES} with D in {KERNEL_WIDTHS} and "
                          f"freqs float32; got {x.dtype}, D={shape[-1]}, freqs {freqs.dtype}")
