@@ -245,10 +245,11 @@ class Attention(nn.Module):
         store = ids = None
         if m:
             comp, arr = self.compressor, cache.arrays
-            c, arr["comp_a"], arr["comp_g"] = comp.pool_ring(x, pos, arr["comp_a"], arr["comp_g"])
-            j = pos // m
-            cache.write("comp", rows_finish(c, fr, j * m, m, norm=True, weight=comp.norm.weight, eps=comp.norm.eps,
-                                            fp8_nope=nope_fp8, dtype=x.dtype), j)
+            c, arr["comp_a"], arr["comp_g"] = comp.pool_ring(x, pos, arr["comp_a"], arr["comp_g"], cache.ends_window)
+            if c is not None:
+                j = pos // m
+                cache.write("comp", rows_finish(c, fr, j * m, m, norm=True, weight=comp.norm.weight,
+                                                eps=comp.norm.eps, fp8_nope=nope_fp8, dtype=x.dtype), j)
             store = cache.store("comp")
             if m == 4:
                 ids = self.indexer.select_ring(x, qr, cache, fr, simulate, a.index_topk)  # [B, 1, k]

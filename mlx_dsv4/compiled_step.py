@@ -4,7 +4,10 @@ Eagerly, a Flash-schedule decode step is some 25,000 Python calls building ~10,0
 step again (~35-45 ms of host time on a 2-core x86 VM, README "Host time per decode step"). Compiled
 once, the step replays its recorded graph. That needs a step whose graph does not change with the
 position: the caches become RingCaches (ring_cache.py, fixed-size buffers) and the position an array.
-A new capacity (the cache outgrew its buffers) traces once more.
+A new capacity (the cache outgrew its buffers) traces once more. Each trace is specialised on which
+compressor windows the step completes (`ends`: none on 3 of 4 steps, the CSA ones on the 4th, the HCA ones
+too on every 128th): only those steps pool a window and write its entry, so three traces serve every
+position and the common one holds none of the 62 poolings, entry finishes and store writes of a Flash step.
 
 It is the default where the model's kernels run (Metal): there the ring caches cost the device little.
 On the CPU's reference path they cost more than they save (each step pools every compressor's window so
@@ -48,9 +51,17 @@ def forced() -> bool:
     return os.environ.get(ENV) == "1"
 
 
-def _step(model, rings: list[RingCache]):
-    """The decode step over ring caches laid out as `rings`, as a function of arrays only."""
+def ends(rings: list[RingCache], pos: int) -> tuple[int, ...]:
+    """The compressor ratios whose windows the step at position `pos` completes (what a trace is specialised on)."""
+    return tuple(sorted({r.ratio for r in rings if r.ratio and (pos + 1) % r.ratio == 0}))
+
+
+def _step(model, rings: list[RingCache], ended: tuple[int, ...]):
+    """The decode step over ring caches laid out as `rings`, at a position that completes the windows of the
+    ratios `ended`, as a function of arrays only."""
     templates = [RingCache(r.ratio, r.window_size, r.stores, {}) for r in rings]  # no arrays kept alive
+    for t in templates:
+        t.ends_window = t.ratio in ended
     ref = weakref.ref(model)  # neither: a trace lives as long as its model
 
     def step(tokens: mx.array, pos: mx.array, arrays: list[dict]):
@@ -68,9 +79,10 @@ def _evaluate_weights(params: list[tuple[str, mx.array]]) -> None:
     mx.eval([v for k, v in params if not k.startswith("mtp.")])
 
 
-def _traced(model, rings: list[RingCache]):
-    """The compiled step for this model, its weights, the stream and the cache layout: what a trace bakes in (its
-    stream: one per thread; the weight arrays as constants: a model given new ones is traced anew)."""
+def _traced(model, rings: list[RingCache], ended: tuple[int, ...]):
+    """The compiled step for this model, its weights, the stream, the cache layout and the windows ended: what a
+    trace bakes in (its stream: one per thread; the weight arrays as constants: a model given new ones is traced
+    anew)."""
     params = tree_flatten(model.parameters())
     weights = hash(tuple(id(v) for _, v in params))
     held = _TRACES.get(id(model))
@@ -79,11 +91,11 @@ def _traced(model, rings: list[RingCache]):
             weakref.finalize(model, _TRACES.pop, id(model), None)
         held = _TRACES[id(model)] = (weights, {})
     key = (str(mx.default_stream(mx.default_device())), registry.use_kernels(), fuse.enabled(),
-           tuple(r.meta for r in rings))
+           tuple(r.meta for r in rings), ended)
     fn = held[1].get(key)
     if fn is None:
         _evaluate_weights(params)
-        fn = held[1][key] = mx.compile(_step(model, rings))
+        fn = held[1][key] = mx.compile(_step(model, rings, ended))
     return fn
 
 
@@ -112,7 +124,13 @@ class CompiledDecode:
         dtype = (e.scales if "scales" in e else e.weight).dtype  # the model's (a quantized table's are uint32)
         self.rings = [RingCache.from_layer(c, cap, dtype, a.head_dim, a.index_head_dim) for c in cache]
         self.capacity = cap  # tokens the rings hold
-        self._step = _traced(self.model, self.rings) if self.compiled else _step(self.model, self.rings)
+        self._steps = {}  # ends(...) -> the step
+
+    def _step(self, ended: tuple[int, ...]):
+        fn = self._steps.get(ended)
+        if fn is None:
+            fn = self._steps[ended] = (_traced if self.compiled else _step)(self.model, self.rings, ended)
+        return fn
 
     @property
     def arrays(self) -> list[dict]:
@@ -127,7 +145,8 @@ class CompiledDecode:
             self._set_rings(lcs, self._room(1 << 62))
         if tokens.dtype != mx.int32:  # one trace for every token source (prompt ids, an argmax's uint32)
             tokens = tokens.astype(mx.int32)
-        logits, arrays = self._step(tokens, mx.array(self.pos, mx.int32), self.arrays)
+        step = self._step(ends(self.rings, self.pos))
+        logits, arrays = step(tokens, mx.array(self.pos, mx.int32), self.arrays)
         for r, a in zip(self.rings, arrays):
             r.arrays = a
         self.pos += 1

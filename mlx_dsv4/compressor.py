@@ -114,15 +114,17 @@ class Compressor(nn.Module):
         parts = [mx.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in cols]
         return compressor_pool(*parts, *([] if self.overlap else [None, None]), self.overlap), done
 
-    def pool_ring(self, x: mx.array, pos: mx.array, ra: mx.array, rg: mx.array):
+    def pool_ring(self, x: mx.array, pos: mx.array, ra: mx.array, rg: mx.array, ends: bool):
         """One token x [B, 1, dim] at position `pos` (an array) into the ring (ra, rg) of the last window's rows
-        (two windows with the overlap; ring_cache.py), and the pooling of its window as it stands: complete
-        when pos is the window's last position, else a finite placeholder. Returns (entry [B, 1, out_dim]
-        float32 before post-processing, ra, rg)."""
+        (two windows with the overlap; ring_cache.py) and, where it ends its window (`ends`, known when the step is
+        traced), the window's pooling. Returns (entry [B, 1, out_dim] float32 before post-processing, or None;
+        ra, rg)."""
         size = ra.shape[1]
         a, g = self.project(x, pos.reshape(1, 1))
         slot = (pos % size).reshape(1)
         ra, rg = mx.slice_update(ra, a, slot, axes=(1,)), mx.slice_update(rg, g, slot, axes=(1,))
+        if not ends:
+            return None, ra, rg
         if not self.overlap:  # the ring is the window
             return compressor_pool(ra, rg, None, None, False), ra, rg
         # window j in one half of the ring, window j - 1 in the other (before the first window the ring holds

@@ -7,8 +7,8 @@ an array (`pos`), not a Python integer (compiled_step.py):
 - window: the last window_size + SPARE positions' rows, position p in row p % (window_size + SPARE) (a step
   writes one row: no shift, no copy);
 - compressed entries / indexer keys: the LayerCache's own store formats (kvstore), `capacity // ratio`
-  rows; entry j is written at row j by every step of its window (only the last one's is complete), and a
-  query sees rows j < (pos + 1) // ratio;
+  rows; entry j is written at row j by the step that completes its window (`ends_window`: a compiled step
+  is specialised on it, so the other steps neither pool nor write), and a query sees rows j < (pos + 1) // ratio;
 - compressor rows: a ring of one window (two with the ratio-4 overlap: the previous window's rows are
   the pooling's other half; before the first window that half holds a = 0, g = -inf, as the pooling takes
   it), position p in slot p % size.
@@ -51,6 +51,7 @@ class RingCache:
         self.stores = stores  # "comp" / "index": an empty Rows of the kind the parts are in
         self.arrays = arrays
         self.pos = None
+        self.ends_window = False  # whether the step's position completes one of this layer's compressor windows
 
     @property
     def meta(self) -> tuple:
@@ -60,7 +61,7 @@ class RingCache:
 
     def with_arrays(self, arrays: dict, pos: mx.array) -> RingCache:
         r = RingCache(self.ratio, self.window_size, self.stores, dict(arrays))
-        r.pos = pos
+        r.pos, r.ends_window = pos, self.ends_window
         return r
 
     def store(self, name: str) -> Rows:

@@ -154,22 +154,33 @@ def test_a_wrong_position_is_caught(monkeypatch):
     assert np.abs(got - ref).max() > 1e-2 * np.abs(ref).max()
 
 
-def test_one_trace_for_every_step_and_no_evaluation_inside(monkeypatch):
-    """The step's graph does not depend on the position: 20 steps replay one trace (a Python position
-    would retrace each step, or replay a stale one). Nothing in a step evaluates: step 2's graph still
-    holds step 1's argmax."""
+def test_a_step_told_the_wrong_windows_end_is_caught(monkeypatch):
+    """Negative control for the traces' specialisation: steps told their windows end one position late write
+    each entry from the next window's first row and the one before, after a query has already seen its empty
+    row: 100x the tolerance the right steps keep (1e-5) at the least."""
+    model = mlx_model("flash")
+    ref = decode(model, prefilled(model, 140), 12)
+    monkeypatch.setattr(compiled_step, "ends", lambda rings, pos, f=compiled_step.ends: f(rings, pos - 1))
+    got = decode(model, prefilled(model, 140), 12, compiled=False)
+    assert np.abs(got - ref).max() > 100 * TOL * np.abs(ref).max()
+
+
+def test_one_trace_per_kind_of_step_and_no_evaluation_inside(monkeypatch):
+    """The step's graph depends on the position only through the windows it completes: 20 steps from position
+    40 (every 4th ends a CSA window, none an HCA one) replay two traces (a Python position would retrace each
+    step, or replay a stale one). Nothing in a step evaluates: step 2's graph still holds step 1's argmax."""
     model = mlx_model("flash")
     traced = []
     step = compiled_step._step
 
-    def counting(m, rings):
-        f = step(m, rings)
-        return lambda *a: (traced.append(1), f(*a))[1]
+    def counting(m, rings, ended):
+        f = step(m, rings, ended)
+        return lambda *a: (traced.append(ended), f(*a))[1]
 
     monkeypatch.setattr(compiled_step, "_step", counting)
     compiled_step._TRACES.clear()
     decode(model, prefilled(model, 40), 20, compiled=True)
-    assert len(traced) == 1
+    assert sorted(traced) == [(), (4,)]
     cd = CompiledDecode(model, prefilled(model, 40), 4)
     y1 = cd(mx.array(tokens(1)))
     y2 = cd(mx.argmax(y1, axis=-1)[:, None])
@@ -189,19 +200,22 @@ def _kernel_step_nodes(model, cache) -> int:
         return sum(lc._count(outs).values())
 
 
-def test_the_kernel_step_replays_few_nodes(monkeypatch):
+@pytest.mark.parametrize("n, bound", [(40, 434), (127, 473)], ids=["no_window_ends", "all_windows_end"])
+def test_the_kernel_step_replays_few_nodes(monkeypatch, n, bound):
     """A count, not a timing: replaying the compiled step costs host time per node (README "Host time per
-    decode step"), so its node count is guarded. 463 on the 5-layer tiny Flash with MLX 0.32 (a new MLX may
-    move it: re-measure then); the bound leaves 2%. Negative control: position vectors built from a fresh
-    constant per launch (as before) are nodes mx.compile cannot merge, and the bound catches them."""
+    decode step"), so its node count is guarded, for the step that completes no window (3 of 4 steps) and the
+    one that completes the CSA and HCA windows. 425 / 463 on the 5-layer tiny Flash with MLX 0.32 (a new MLX
+    may move them: re-measure then); the bounds leave 2%. Negative control: position vectors built from a
+    fresh constant per launch (as before) are nodes mx.compile cannot merge, and the bound catches them."""
     model = mlx_model("flash", simulate_qat=True)
-    cache = prefilled(model, 40)
-    assert _kernel_step_nodes(model, cache) <= 473
+    cache = prefilled(model, n)
+    assert _kernel_step_nodes(model, cache) <= bound
+
     def unshared(*values):
         return mx.concatenate([v.reshape(1) if isinstance(v, mx.array) else mx.array([v], mx.int32) for v in values])
 
     monkeypatch.setattr(registry, "int_inputs", unshared)
-    assert _kernel_step_nodes(model, cache) > 473
+    assert _kernel_step_nodes(model, cache) > bound
 
 
 def test_weights_the_prefill_left_lazy_are_no_part_of_the_step(monkeypatch):
@@ -310,10 +324,11 @@ def _address(a: mx.array) -> int:
 def test_the_buffers_are_updated_in_place(hold):
     """MLX donates a compiled step's input buffer to its output when nothing else holds it, as CompiledDecode
     leaves it: a step then writes its new rows into the buffers instead of copying each (a 1M-token cache's
-    stores are GBs). The control keeps a reference, which forces the copy the check must see."""
+    stores are GBs). The control keeps a reference, which forces the copy the check must see. The step checked
+    (position 43) ends a CSA window, as the one at 35 (its trace) and at 39 (a replay) did."""
     model = mlx_model("flash", simulate_qat=True)
-    cd = CompiledDecode(model, prefilled(model, 40), 8)
-    for _ in range(2):  # the trace, then a replay
+    cd = CompiledDecode(model, prefilled(model, 35), 12)
+    for _ in range(8):
         mx.eval(cd(mx.array(tokens(1))), cd.arrays)
     before = {k: _address(v) for k, v in cd.rings[2].arrays["comp"].items()}  # a CSA layer's entry store
     kept = dict(cd.rings[2].arrays["comp"]) if hold else None
@@ -334,8 +349,8 @@ def test_a_default_compiled_step_that_fails_gives_way_to_the_eager_one(tiny, mon
     calls = []
     real = compiled_step._traced
 
-    def failing(m, rings):
-        f = real(m, rings)
+    def failing(m, rings, ended):
+        f = real(m, rings, ended)
 
         def step(*a):
             calls.append(1)
