@@ -12,8 +12,9 @@
 // @bytes          N (10 D s + 80), s = sizeof(T)
 // @flops          18 N D
 // @decode-share   N = 1 per sequence: 40 KiB in bf16 at D = 4096, bandwidth-trivial; one launch
-//                 instead of the matmul, multiply-add and cast (~3 after mx.compile), 86 calls
-//                 per Flash token.
+//                 instead of the matmul, multiply-add and cast (~3 after mx.compile), 43 calls
+//                 per Flash token (a block's last: the one between its attention and MoE runs
+//                 inside hc_pre's launch, POST).
 //
 // Layout: thread (j, tok) reads y[tok, j] and the four X[tok, :, j] once and writes all four
 // outputs. comb is applied transposed: the sum runs over its row index j (traps.md item 6).

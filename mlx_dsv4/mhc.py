@@ -23,12 +23,13 @@ def sinkhorn_split(mix: mx.array, scale: mx.array, base: mx.array, hc: int, iter
     return kernels_sinkhorn.sinkhorn_split(mix, scale, base, iters, eps)
 
 
-def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None):
+def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None, after=None):
     """X [B, L, hc, d] -> (branch input u [B, L, d] in X.dtype, post, comb); norm = (weight, eps):
-    u comes out through the sub-layer's RMSNorm.
+    u comes out through the sub-layer's RMSNorm. after = (y, post, comb) of the previous sub-layer, X its
+    input streams: that sub-layer's hc_post comes first, and its streams X' are returned fourth.
 
     One fused Metal kernel on a Mac for hc = 4, the pure-MLX reference elsewhere (kernels/hc.py)."""
-    return kernels_hc.hc_pre(X, fn, scale, base, iters, eps, norm_eps, norm)
+    return kernels_hc.hc_pre(X, fn, scale, base, iters, eps, norm_eps, norm, after)
 
 
 def hc_post(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:

@@ -14,7 +14,7 @@ from .cache import LayerCache
 from .config import ModelArgs
 from .mhc import hc_head, hc_post, hc_pre
 from .moe import MoE
-from .norm import RMSNorm, rms_norm
+from .norm import RMSNorm
 
 
 class Block(nn.Module):
@@ -31,19 +31,19 @@ class Block(nn.Module):
             setattr(self, f"hc_{site}_base", mx.zeros((n,), dtype=mx.float32))
             setattr(self, f"hc_{site}_scale", mx.ones((3,), dtype=mx.float32))
 
-    def _hc(self, site: str, X: mx.array):
-        """The sub-layer's input, already through its RMSNorm (fused with mHC pre on Metal), post, comb."""
+    def _hc(self, site: str, X: mx.array, after=None):
+        """The sub-layer's input, already through its RMSNorm (fused with mHC pre on Metal), post, comb; after:
+        the previous sub-layer's (output, post, comb), whose mHC post comes first (the same launch on Metal)."""
         a, norm = self.args, getattr(self, f"{site}_norm")
         return hc_pre(X, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
                       getattr(self, f"hc_{site}_base"), a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps,
-                      (norm.weight, norm.eps))
+                      (norm.weight, norm.eps), after)
 
     def __call__(self, X: mx.array, tokens: mx.array, cache: LayerCache, simulate: bool,
                  experts=None) -> mx.array:
         """simulate: the trained activation formats (Model.simulate_qat)."""
         h, post, comb = self._hc("attn", X)
-        X = hc_post(self.attn(h, cache, simulate), X, post, comb)
-        h, post, comb = self._hc("ffn", X)
+        h, post, comb, X = self._hc("ffn", X, after=(self.attn(h, cache, simulate), post, comb))
         return hc_post(self.ffn(h, tokens, experts), X, post, comb)
 
 

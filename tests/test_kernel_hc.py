@@ -88,15 +88,19 @@ def _case(lead, d, seed=0, dtype=mx.float32, spread=3.0):
     return X, fn, scale, base, y
 
 
-def _run_pre(spec, X, fn, scale, base, iters=20, norm_eps=NORM_EPS, norm=None):
+def _run_pre(spec, X, fn, scale, base, iters=20, norm_eps=NORM_EPS, norm=None, after=None):
+    """(u, post, comb), and X' with after = (y, post, comb) of the previous sub-layer (POST)."""
     n, _, d = X.shape
     tg = min(512, -(-4 * d // 32) * 32)
     w, out_eps = (base, 0.0) if norm is None else norm
-    return run_metal_kernel_on_cpu(spec, [X, fn, scale, base, np.float32(EPS), np.float32(norm_eps), w,
-                                          np.float32(out_eps)],
-                                   {"T": X.dtype, "D": d, "ITERS": iters, "NORM": norm is not None},
-                                   (tg * n, 1, 1), (tg, 1, 1), [(n, d), (n, 4), (n, 4, 4)],
-                                   [X.dtype, mx.float32, mx.float32])
+    y, p, c = after or (mx.zeros((8,), mx.array(X).dtype), base, base)  # never read without POST
+    shapes = [(n, d), (n, 4), (n, 4, 4), (n, 4, d) if after else (1,)]
+    outs = run_metal_kernel_on_cpu(spec, [X, fn, scale, base, np.float32(EPS), np.float32(norm_eps), w,
+                                          np.float32(out_eps), y, p, c],
+                                   {"T": X.dtype, "D": d, "ITERS": iters, "NORM": norm is not None,
+                                    "POST": after is not None},
+                                   (tg * n, 1, 1), (tg, 1, 1), shapes, [X.dtype, mx.float32, mx.float32, X.dtype])
+    return outs if after else outs[:3]
 
 
 def _run_post(spec, y, X, post, comb):
@@ -244,6 +248,83 @@ def test_broken_hc_post_variants_are_caught(what):
     assert_caught(lambda: [_run_post(variant(POST, old, new), y, X, post, comb)], ok)
 
 
+def _post_case(d=40, dtype=mx.float32, seed=21, n=3):
+    """X, fn, scale, base, the previous sub-layer's (y, post, comb) (a real split's, so comb is doubly
+    stochastic) and the norm weight, for n tokens."""
+    X, fn, scale, base, y = _case((n,), d, seed=seed, dtype=dtype)
+    _, post, comb = hc.hc_pre_reference(X, fn[::-1], scale, base[::-1], 20, EPS, NORM_EPS)
+    w = mx.array(np.random.default_rng(seed).uniform(0.5, 1.5, d).astype(np.float32))
+    return X, fn, scale, base, (y, post, comb), w
+
+
+def _post_ok(X, fn, scale, base, after, w):
+    """X' within hc_post's tolerance of its reference, and the rest bit for bit what hc_pre gives on that X'
+    (POST feeds the pre the values it stores: the same loops over the same values)."""
+    ref_xn = hc.hc_post_reference(after[0], X, *after[1:])
+    _, tol = _oracle_post(after[0], X, *after[1:])
+
+    def ok(outs):
+        u, post, comb, xn = outs
+        plain = _run_pre(PRE, mx.array(xn).astype(X.dtype), fn, scale, base, norm=(w, 1e-6))
+        return _within([xn], [ref_xn], [tol]) and all(np.array_equal(a, b) for a, b in zip((u, post, comb), plain))
+    return ok
+
+
+@needs_cxx
+@pytest.mark.parametrize("d,dtype", [(40, mx.float32), (200, mx.bfloat16), (64, mx.float16)])
+def test_hc_pre_after_a_sublayer_is_its_hc_post_then_hc_pre(d, dtype):
+    """POST: the previous sub-layer's hc_post in the same launch. X' as hc_post.metal stores it (bit for bit
+    here, where both compile alike), the rest exactly hc_pre's on X', and within the tolerances above of the
+    references composed (hc_post_reference, then hc_pre_reference with the sub-layer norm)."""
+    X, fn, scale, base, after, w = _post_case(d, dtype)
+    outs = _run_pre(PRE, X, fn, scale, base, norm=(w, 1e-6), after=after)
+    assert _post_ok(X, fn, scale, base, after, w)(outs)
+    assert np.array_equal(outs[3], _run_post(POST, *after[:1], X, *after[1:]))
+    xn = hc.hc_post_reference(after[0], X, *after[1:])
+    ref = hc.hc_pre_reference(xn, fn, scale, base, 20, EPS, NORM_EPS, (w, 1e-6))
+    tol = (np.abs(np.array(ref[0].astype(mx.float32))) + 1) * 8 * ULP[dtype]  # u carried through the norm
+    assert np.abs(outs[0].astype(np.float64) - np.array(ref[0].astype(mx.float32))).max() <= tol.max()
+
+
+BROKEN_POST_PRE = {
+    "weighted sum over X, not X'": (
+        "float(POST ? post_stream<T, D>(x, yt, pt, ct, j) : x[j])", "float(x[j])", "source"),
+    "comb not transposed in X'": ("c[4 + k] * float(x[D + j])", "c[4 * k + 1] * float(x[D + j])", "header"),
+    "y of the first token for every token": ("const auto yt = y + size_t(tok) * D;", "const auto yt = y;", "source"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("what", list(BROKEN_POST_PRE))
+def test_broken_post_pre_variants_are_caught(what):
+    old, new, section = BROKEN_POST_PRE[what]
+    X, fn, scale, base, after, w = _post_case()
+    ok = _post_ok(X, fn, scale, base, after, w)
+    assert ok(_run_pre(PRE, X, fn, scale, base, norm=(w, 1e-6), after=after))
+    broken = variant(PRE, old, new, section)
+    assert_caught(lambda: _run_pre(broken, X, fn, scale, base, norm=(w, 1e-6), after=after), ok)
+
+
+@needs_cxx
+def test_dispatch_of_hc_pre_after_a_sublayer(monkeypatch):
+    """mhc.hc_pre(after=...) takes one hc_pre launch (no hc_post) where the kernels run, the two references
+    otherwise, and both give X' fourth."""
+    X, fn, scale, base, after, w = _post_case(n=1)
+    X, after = X[None], tuple(a[None] for a in after)  # [B, L, ...]
+    monkeypatch.delenv(registry.REFERENCE_ENV, raising=False)
+    fakes = {name: CpuKernel(load_spec(name)) for name in ("hc_pre", "hc_post")}
+    monkeypatch.setattr(registry, "metal_available", lambda: True)
+    monkeypatch.setattr(registry, "get_kernel", lambda name: fakes[name])
+    out = model_mhc.hc_pre(X, fn, scale, base, 20, EPS, NORM_EPS, (w, 1e-6), after=after)
+    assert [f.calls for f in fakes.values()] == [1, 0] and [o.shape for o in out] == [
+        (1, 1, 40), (1, 1, 4), (1, 1, 4, 4), X.shape]
+    monkeypatch.setenv(registry.REFERENCE_ENV, "1")
+    ref = model_mhc.hc_pre(X, fn, scale, base, 20, EPS, NORM_EPS, (w, 1e-6), after=after)
+    assert [f.calls for f in fakes.values()] == [1, 0]
+    _, tol = _oracle_post(after[0], X, *after[1:])
+    assert _within([out[3]], [ref[3]], [tol]) and np.abs(np.array(out[0]) - np.array(ref[0])).max() <= 1e-5
+
+
 def test_bad_input_is_refused():
     X, fn, scale, base, y = _case((2,), 8)
     with pytest.raises(ValueError, match="fn must be"):
@@ -260,6 +341,11 @@ def test_bad_input_is_refused():
         hc.hc_post(y, X, mx.zeros((2, 4)), mx.zeros((2, 4, 3)))
     with pytest.raises(ValueError, match="hc_post kernel"):
         hc.hc_post_kernel(y.astype(mx.float16), X, mx.zeros((2, 4)), mx.zeros((2, 4, 4)))
+    with pytest.raises(ValueError, match="y \\[..., d\\]"):
+        hc.hc_pre(X, fn, scale, base, 20, EPS, NORM_EPS, after=(y[:, :4], mx.zeros((2, 4)), mx.zeros((2, 4, 4))))
+    with pytest.raises(ValueError, match="y must be in X's dtype"):
+        hc.hc_pre_kernel(X, fn, scale, base, 20, EPS, NORM_EPS, after=(y.astype(mx.float16), mx.zeros((2, 4)),
+                                                                       mx.zeros((2, 4, 4))))
 
 
 def _norm_case(d, dtype, seed):

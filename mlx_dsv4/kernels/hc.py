@@ -5,7 +5,8 @@ hc_pre: X [..., hc, d] -> mixes = rsqrt(mean(flat^2) + norm_eps) * (fn @ flat) w
 stream values in float32, the Sinkhorn split of the mixes (kernels/sinkhorn_split.py), and u = sum_k pre_k X_k
 in float32 rounded to X.dtype. hc_post: X'_k = post_k * y + sum_j comb[j, k] X_j in float32, stored
 in X.dtype (comb is applied transposed). The kernels cover hc = 4 with X in float32 / float16 /
-bfloat16; other cases take the reference.
+bfloat16; other cases take the reference. hc_pre(..., after=(y, post, comb)) first applies the previous
+sub-layer's hc_post to X: one launch on Metal (the kernel's POST), the two references elsewhere.
 """
 
 from __future__ import annotations
@@ -82,30 +83,38 @@ def _post(y, X, post, comb):
     return (post[..., None] * y.astype(mx.float32)[..., None, :] + mixed).astype(X.dtype)
 
 
-def hc_pre_kernel(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None):
-    """The fused Metal kernel (hc = 4): one threadgroup per token, one launch for all tokens."""
+def hc_pre_kernel(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None, after=None):
+    """The fused Metal kernel (hc = 4): one threadgroup per token, one launch for all tokens. after: (y, post, comb)
+    of the previous sub-layer, X its input streams: its hc_post runs first, and X' comes back fourth."""
     hc = _check_pre(X, fn, scale, base, norm)
     if hc != 4 or X.dtype not in KERNEL_DTYPES:
         raise ValueError(f"hc_pre kernel: X must be [..., 4, d] in {KERNEL_DTYPES}, got {X.shape} {X.dtype}")
+    if after is not None:
+        _check_post(after[0], X, *after[1:])
+        if after[0].dtype != X.dtype:
+            raise ValueError(f"hc_pre kernel: y must be in X's dtype {X.dtype}, got {after[0].dtype}")
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"hc_pre: iters must be an int >= 1, got {iters!r}")
     lead, d = X.shape[:-2], X.shape[-1]
     n = math.prod(lead)
     if n == 0:
-        return mx.zeros((*lead, d), dtype=X.dtype), mx.zeros((*lead, 4)), mx.zeros((*lead, 4, 4))
+        out = mx.zeros((*lead, d), dtype=X.dtype), mx.zeros((*lead, 4)), mx.zeros((*lead, 4, 4))
+        return out if after is None else (*out, X)
     f32 = mx.float32
     tg = min(512, -(-4 * d // 32) * 32)
     w, out_eps = (base, 0.0) if norm is None else norm  # base: a placeholder the kernel never reads
+    y, p, c = after or (registry.placeholder((8,), X.dtype), base, base)  # likewise
     # The kernel indexes its buffers by token: the arrays keep their own leading axes (no reshape nodes).
-    u, post, comb = registry.launch(
+    u, post, comb, Xn = registry.launch(
         "hc_pre", [X, fn.astype(f32), scale.astype(f32), base.astype(f32),
                    registry.constant(eps, f32), registry.constant(norm_eps, f32), w.astype(f32),
-                   registry.constant(out_eps, f32)],
-        template={"T": X.dtype, "D": d, "ITERS": iters, "NORM": norm is not None}, grid=(tg * n, 1, 1),
-        threadgroup=(tg, 1, 1),
-        output_shapes=[(*lead, d), (*lead, 4), (*lead, 4, 4)], output_dtypes=[X.dtype, f32, f32],
+                   registry.constant(out_eps, f32), y, p.astype(f32), c.astype(f32)],
+        template={"T": X.dtype, "D": d, "ITERS": iters, "NORM": norm is not None, "POST": after is not None},
+        grid=(tg * n, 1, 1), threadgroup=(tg, 1, 1),
+        output_shapes=[(*lead, d), (*lead, 4), (*lead, 4, 4), X.shape if after else (1,)],
+        output_dtypes=[X.dtype, f32, f32, X.dtype],
     )
-    return u, post, comb
+    return (u, post, comb) if after is None else (u, post, comb, Xn)
 
 
 def hc_post_kernel(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
@@ -127,10 +136,16 @@ def hc_post_kernel(y: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> 
     return out
 
 
-def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None):
-    """(u, post, comb): the fused kernel on Metal for hc = 4, the reference otherwise."""
-    if registry.use_kernels() and X.ndim >= 2 and X.shape[-2] == 4 and X.dtype in KERNEL_DTYPES:
-        return hc_pre_kernel(X, fn, scale, base, iters, eps, norm_eps, norm)
+def hc_pre(X, fn, scale, base, iters: int, eps: float, norm_eps: float, norm=None, after=None):
+    """(u, post, comb): the fused kernel on Metal for hc = 4, the reference otherwise. after: (y, post, comb) of the
+    previous sub-layer, X its input streams: its hc_post first (in the same launch on Metal); then the streams X'
+    come back too, (u, post, comb, X')."""
+    if registry.use_kernels() and X.ndim >= 2 and X.shape[-2] == 4 and X.dtype in KERNEL_DTYPES \
+            and (after is None or after[0].dtype == X.dtype):
+        return hc_pre_kernel(X, fn, scale, base, iters, eps, norm_eps, norm, after)
+    if after is not None:
+        X = hc_post(after[0], X, *after[1:])
+        return (*hc_pre(X, fn, scale, base, iters, eps, norm_eps, norm), X)
     return hc_pre_reference(X, fn, scale, base, iters, eps, norm_eps, norm)
 
 
