@@ -42,9 +42,19 @@ class Block(nn.Module):
     def __call__(self, X: mx.array, tokens: mx.array, cache: LayerCache, simulate: bool,
                  experts=None) -> mx.array:
         """simulate: the trained activation formats (Model.simulate_qat)."""
-        h, post, comb = self._hc("attn", X)
+        X, (y, post, comb) = self.pending(X, None, tokens, cache, simulate, experts)
+        return hc_post(y, X, post, comb)
+
+    def pending(self, X: mx.array, after, tokens: mx.array, cache: LayerCache, simulate: bool, experts=None):
+        """The block short of its last mHC post: (its MoE's input streams, (the MoE output, post, comb)), what
+        hc_post or the next block's `after` takes. after: the previous block's pending part, X its streams;
+        its hc_post comes first (on Metal in this block's first hc_pre launch)."""
+        if after is None:
+            h, post, comb = self._hc("attn", X)
+        else:
+            h, post, comb, X = self._hc("attn", X, after)
         h, post, comb, X = self._hc("ffn", X, after=(self.attn(h, cache, simulate), post, comb))
-        return hc_post(self.ffn(h, tokens, experts), X, post, comb)
+        return X, (self.ffn(h, tokens, experts), post, comb)
 
 
 class HCHead(nn.Module):
@@ -154,9 +164,10 @@ class Model(HCHead):
         else:
             e = self.embed(tokens)
             X = mx.broadcast_to(e[:, :, None, :], (*e.shape[:2], a.hc_mult, e.shape[-1]))
+        after = None  # a block's last mHC post, folded into the next block's first launch
         for i, c in zip(self.owned, cache):
-            X = self.layers[i](X, tokens, c, self.simulate_qat, self._experts(f"layers.{i}"))
-        return X
+            X, after = self.layers[i].pending(X, after, tokens, c, self.simulate_qat, self._experts(f"layers.{i}"))
+        return X if after is None else hc_post(after[0], X, *after[1:])
 
     def _experts(self, block: str):
         """The expert store's view of one block's routed experts (None when they are resident)."""

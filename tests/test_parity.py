@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import mlx_dsv4.kernels.compressor_pool as compressor_pool
+import mlx_dsv4.kernels.hc as kernels_hc
 import mlx_dsv4.kernels.rows_finish as rows_finish
 import mlx_dsv4.indexer as indexer
-import mlx_dsv4.model as model_mod
 from oracle import hf_logits, hf_model
 from tinymodels import mlx_model, rel_err, tiny, tokens
 
@@ -77,7 +77,8 @@ def _mask_after_topk(orig):
 BREAKS = {
     "inverse_rope": lambda mp: mp.setattr(rows_finish, "apply_rope", _broken_inverse_rope(rows_finish.apply_rope)),
     "previous_ratio4_window": lambda mp: mp.setattr(compressor_pool, "overlap_slots", _no_previous_window),
-    "mhc_orientation": lambda mp: mp.setattr(model_mod, "hc_post", _untransposed_hc_post),
+    # every mHC post (a block's first one runs inside the next hc_pre): the reference they all take here
+    "mhc_orientation": lambda mp: mp.setattr(kernels_hc, "hc_post_reference", _untransposed_hc_post),
     "mask_after_topk": lambda mp: mp.setattr(indexer, "index_scores", _mask_after_topk(indexer.index_scores)),
 }
 
