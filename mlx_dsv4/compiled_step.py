@@ -10,10 +10,11 @@ too on every 128th): only those steps pool a window and write its entry, so thre
 position and the common one holds none of the 62 poolings, entry finishes and store writes of a Flash step.
 
 It is the default where the model's kernels run (Metal): there the ring caches cost the device little.
-On the CPU's reference path they cost more than they save (each step pools every compressor's window so
-far, ~2 ms per HCA layer on a 2-core x86 VM, where the eager path pools a window once, when it completes)
-and the evaluator thread already hides the host's building behind the evaluation, so the eager path stays
-the default there. MLX_DSV4_COMPILE=1 / 0 turns it on / off everywhere.
+On the CPU's reference path they cost more than they save (each step's indexer scores every entry a
+capacity holds, 1,024 at the smallest, and its attention reads every ring row, where the eager path reads
+what the position holds: ~1.5x the evaluation on a 2-core x86 VM at context 512) and the evaluator thread
+already hides the host's building behind the evaluation, so the eager path stays the default there.
+MLX_DSV4_COMPILE=1 / 0 turns it on / off everywhere.
 """
 
 from __future__ import annotations
