@@ -229,9 +229,11 @@ def get_kernel(name: str):
 
 
 @functools.cache
+@functools.lru_cache(maxsize=256)
 def placeholder(shape: tuple, dtype) -> mx.array:
-    """An input a kernel's template never reads, built once: a decode step's graph then holds no fill
-    launch for it. Use 8+ elements to keep it in device memory like the inputs it stands for."""
+    """An input a kernel's template never reads, built and evaluated once per shape and dtype: a decode step's
+    graph then holds no fill launch for it, nor its step an evaluation. Use 8+ elements to keep it in device
+    memory like the inputs it stands for."""
     a = mx.zeros(shape, dtype)
     mx.eval(a)
     return a
