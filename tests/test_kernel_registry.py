@@ -175,3 +175,22 @@ def test_constant_is_the_value_once_per_dtype():
     assert a is registry.constant(1e-6, mx.float32) and a.dtype == mx.float32 and a.item() == pytest.approx(1e-6)
     assert registry.constant((0.5, 2.0), mx.float32).tolist() == [0.5, 2.0]
     assert registry.constant(3, mx.int32).dtype == mx.int32 and registry.constant(3, mx.int32).item() == 3
+
+
+def test_fixed_inputs_can_be_made_while_building_for_the_evaluator_thread():
+    """A pipelined CPU decode builds its step under the evaluator worker's stream (evaluator.py), which only that
+    worker may evaluate: placeholders and constants made then must need no evaluation (they come from host memory)
+    and serve both threads. Negative control: a placeholder filled by a graph (mx.zeros) cannot be made there."""
+    from mlx_dsv4 import evaluator
+
+    ev = evaluator.Evaluator()
+    ev.adopt()  # the global random key, which every submission hands over, made usable by the worker
+    with mx.stream(ev.stream):
+        p = registry.placeholder((8, 5), mx.bfloat16)
+        c = registry.constant(0.25, mx.float32)
+        y = (p.astype(mx.float32) + c).sum()
+        ev.submit(y)
+    ev.wait()
+    assert p.dtype == mx.bfloat16 and p.shape == (8, 5) and not p.any().item() and y.item() == 10.0
+    with mx.stream(ev.stream), pytest.raises(RuntimeError, match="no Stream"):
+        mx.eval(mx.zeros((8, 5), mx.bfloat16))

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 REFERENCE_ENV = "MLX_DSV4_REFERENCE"
 TEMPLATE_KINDS = ("int", "bool", "type")
@@ -231,12 +232,11 @@ def get_kernel(name: str):
 @functools.cache
 @functools.lru_cache(maxsize=256)
 def placeholder(shape: tuple, dtype) -> mx.array:
-    """An input a kernel's template never reads, built and evaluated once per shape and dtype: a decode step's
-    graph then holds no fill launch for it, nor its step an evaluation. Use 8+ elements to keep it in device
-    memory like the inputs it stands for."""
-    a = mx.zeros(shape, dtype)
-    mx.eval(a)
-    return a
+    """An input a kernel's template never reads, made once per shape and dtype: a decode step's graph then holds
+    no fill launch for it, nor its step an evaluation. Made from host memory (no graph to evaluate), so a step built
+    for another thread's stream (evaluator.py) can make it too. Use 8+ elements to keep it in device memory like
+    the inputs it stands for."""
+    return mx.array(np.zeros(shape, np.float32), dtype)
 
 
 @functools.lru_cache(maxsize=1024)
