@@ -20,7 +20,7 @@ from .kvstore import Rows, make_rows
 class CompressorState:
     """Rolling state of one Compressor: leftover rows and (overlap only) the previous window.
 
-    Leftover rows (a and g + ape, float32) are kept as a list of per-call pieces and joined only when
+    Leftover rows (a and g, float32, g before ape) are kept as a list of per-call pieces and joined only when
     a window completes, so a decode step that completes none copies nothing (on Metal: no launch)."""
 
     FIELDS = ("rows_kv", "rows_gate", "prev_kv", "prev_gate")

@@ -7,6 +7,10 @@ window j's tokens with the second half (before the first window: a = 0, g = -inf
 Post-processing: RMSNorm, RoPE at position j * ratio (the window's first token), and the
 trained-format rounding (FP8 for the main KV, Hadamard + FP4 for the indexer keys).
 
+Rows wait for their window without ape, added when the window is pooled (the same fp32 sums, so the same
+entries): a decode step that completes no window does nothing with ape (on Metal: two launches less per
+compressor and token).
+
 State across calls (in the cache, see CompressorState): the rows of the unfinished window and,
 for the overlap, the first half of the last complete window.
 """
@@ -34,25 +38,17 @@ class Compressor(nn.Module):
         self.ape = mx.zeros((ratio, coff * out_dim), dtype=mx.float32)
         self.norm = RMSNorm(out_dim, norm_eps)
 
-    def project(self, x: mx.array, positions: mx.array | int) -> tuple[mx.array, mx.array]:
-        """a = wkv x and g = wgate x + ape[p mod ratio] (float32) for x [B, L, dim]: `positions` is the
-        first token's absolute position, or the positions [B, L] of rows each at their own (batch.py)."""
-        m = self.ratio
-        L = x.shape[1]
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """a = wkv x and g = wgate x (float32, before ape) for x [B, L, dim]."""
         xf = x.astype(mx.float32)
         # fp32 x fp32-promoted weights: the reference runs these projections in float32.
-        a = self.wkv(xf).astype(mx.float32)
-        g = self.wgate(xf).astype(mx.float32)
+        return self.wkv(xf).astype(mx.float32), self.wgate(xf).astype(mx.float32)
+
+    def gated(self, wg: mx.array, prev_g: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
+        """Windows of g rows [..., ratio, coff*D] (and the overlap's previous window [..., ratio, D]) with
+        ape added: window rows sit at positions j * ratio + t, so row t takes ape[t]."""
         ape = self.ape.astype(mx.float32)
-        if not isinstance(positions, int):
-            if positions.size == 1:  # a compiled step's position: one dynamic slice (indexing: a gather + squeeze)
-                return a, g + mx.slice(ape, (positions.reshape(1) % m).astype(mx.int32), (0,), (1, ape.shape[1]))
-            return a, g + ape[(positions % m).astype(mx.int32)]
-        o = positions % m
-        # Positions start.. in one window: a static slice of ape (a view); else gather by position.
-        if o + L <= m:
-            return a, g + ape[o : o + L]
-        return a, g + ape[(mx.arange(positions, positions + L) % m).astype(mx.int32)]
+        return wg + ape, None if prev_g is None else prev_g + ape[:, : prev_g.shape[-1]]
 
     def pool(self, x: mx.array, start: int, state: CompressorState) -> tuple[mx.array, int]:
         """Pool the windows completed by x [B, L, dim] (first token at absolute position `start`).
@@ -60,15 +56,17 @@ class Compressor(nn.Module):
         Returns (entries [B, n, out_dim] float32 before post-processing, index of the first one)
         and updates `state` in place.
         """
-        windows, first = self.take_windows(*self.project(x, start), start, state)
+        windows, first = self.take_windows(*self.project(x), start, state)
         if windows is None:
             return mx.zeros((x.shape[0], 0, self.out_dim), dtype=mx.float32), first
-        return compressor_pool(*windows, self.overlap), first
+        wa, wg, prev_a, prev_g = windows
+        wg, prev_g = self.gated(wg, prev_g)
+        return compressor_pool(wa, wg, prev_a, prev_g, self.overlap), first
 
     def take_windows(self, a: mx.array, g: mx.array, start: int, state: CompressorState):
         """The stateful half of `pool`: feed the projected rows a, g [B, L, coff*D] to `state`. Returns
         ((wa, wg, prev_a, prev_g): the completed windows [B, n, m, coff*D] and the overlap's previous
-        window, the arguments of compressor_pool; None if no window completes) and the first's index."""
+        window, compressor_pool's arguments once `gated`; None if no window completes) and the first's index."""
         m, D = self.ratio, self.out_dim
         B, L, _ = a.shape
         state.recent = (a, g)
@@ -97,7 +95,7 @@ class Compressor(nn.Module):
         if L != 1 or len(starts) != B or len(states) != B:
             raise ValueError(f"pool_rows: one token per row and one start / state per row, got x {x.shape}, "
                              f"{len(starts)} starts, {len(states)} states")
-        a, g = self.project(x, mx.array(starts)[:, None])
+        a, g = self.project(x)
         done, wins = [], []
         for i, (ai, gi) in enumerate(zip(mx.split(a, B), mx.split(g, B))):
             w, first = self.take_windows(ai, gi, starts[i], states[i])
@@ -111,8 +109,10 @@ class Compressor(nn.Module):
             wins = [w if w[2] is not None else (*w[:2], mx.zeros((1, m, D), mx.float32),
                                                 mx.full((1, m, D), -mx.inf, mx.float32)) for w in wins]
         cols = list(zip(*wins))[: 4 if self.overlap else 2]
-        parts = [mx.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in cols]
-        return compressor_pool(*parts, *([] if self.overlap else [None, None]), self.overlap), done
+        wa, wg, *prev = [mx.concatenate(p, axis=0) if len(p) > 1 else p[0] for p in cols]
+        prev_a, prev_g = prev or (None, None)
+        wg, prev_g = self.gated(wg, prev_g)
+        return compressor_pool(wa, wg, prev_a, prev_g, self.overlap), done
 
     def pool_ring(self, x: mx.array, pos: mx.array, ra: mx.array, rg: mx.array, ends: bool):
         """One token x [B, 1, dim] at position `pos` (an array) into the ring (ra, rg) of the last window's rows
@@ -120,16 +120,18 @@ class Compressor(nn.Module):
         traced), the window's pooling. Returns (entry [B, 1, out_dim] float32 before post-processing, or None;
         ra, rg)."""
         size = ra.shape[1]
-        a, g = self.project(x, pos.reshape(1, 1))
+        a, g = self.project(x)
         slot = (pos % size).reshape(1)
         ra, rg = mx.slice_update(ra, a, slot, axes=(1,)), mx.slice_update(rg, g, slot, axes=(1,))
         if not ends:
             return None, ra, rg
+        # slot s holds a position p with p % ratio == s % ratio: the ring's rows take ape in slot order
+        g = self.gated(rg.reshape(rg.shape[0], size // self.ratio, self.ratio, -1))[0].reshape(rg.shape)
         if not self.overlap:  # the ring is the window
-            return compressor_pool(ra, rg, None, None, False), ra, rg
+            return compressor_pool(ra, g, None, None, False), ra, rg
         # window j in one half of the ring, window j - 1 in the other (before the first window the ring holds
-        # a = 0, g = -inf there: ring_cache.py); the kernel reads them in place
-        return compressor_pool(ra, rg, None, None, True, pos), ra, rg
+        # a = 0, g = -inf there: ring_cache.py, and -inf + ape stays -inf); the kernel reads them in place
+        return compressor_pool(ra, g, None, None, True, pos), ra, rg
 
     def __call__(self, x, start, state, freqs, dtype, fp8_nope: int) -> mx.array:
         """Pooled, normalised, rotated (RoPE at the window's first position j * ratio) entries

@@ -18,7 +18,10 @@ from mlx_lm.models import cache as _mlx_lm_cache
 from .cache import LayerCache  # importing it registers LayerCache with mlx-lm
 
 # mlx-lm flattens metadata into dotted paths and back: keys must hold no dot and not be numbers
-TOKENS_KEY, MODEL_KEY = "mlx_dsv4_tokens", "mlx_dsv4_model"
+TOKENS_KEY, MODEL_KEY, FORMAT_KEY = "mlx_dsv4_tokens", "mlx_dsv4_model", "mlx_dsv4_cache_format"
+# What the state arrays mean. 2: a compressor's waiting rows hold g before ape (compressor.py); files without
+# the key are 1 (g + ape), which a format-2 cache would pool with ape added twice.
+CACHE_FORMAT = "2"
 REBUILD = "; delete the file and let the next run rebuild it"
 
 
@@ -56,6 +59,7 @@ def save_prompt_cache(path: str | os.PathLike, cache: list, metadata: dict[str, 
         if len(tokens) != cache[0].offset:
             raise PromptCacheError(f"{len(tokens)} tokens given but the cache holds {cache[0].offset}")
         meta[TOKENS_KEY] = json.dumps([int(t) for t in tokens])
+    meta[FORMAT_KEY] = CACHE_FORMAT
     if model is not None:
         meta[MODEL_KEY] = model_fingerprint(model)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +86,9 @@ def load_prompt_cache(path: str | os.PathLike, model=None, prompt: list[int] | N
         raise PromptCacheError(f"prompt cache {p} is damaged: its array {e} is missing{REBUILD}") from e
     except Exception as e:  # a truncated or foreign file: say which
         raise PromptCacheError(f"cannot read prompt cache {p} ({type(e).__name__}: {e}){REBUILD}") from e
+    if meta.get(FORMAT_KEY, "1") != CACHE_FORMAT:
+        raise PromptCacheError(f"prompt cache {p} is in cache format {meta.get(FORMAT_KEY, '1')}, which this version "
+                               f"of mlx-dsv4 does not read (it reads format {CACHE_FORMAT}){REBUILD}")
     tokens = _recorded_tokens(p, meta)
     if model is not None:
         if MODEL_KEY not in meta:

@@ -15,6 +15,7 @@ from test_cli import cli
 from mlx_dsv4.generate import prefill
 from mlx_dsv4.load import load
 from mlx_dsv4.prompt_cache import (
+    FORMAT_KEY,
     MODEL_KEY,
     TOKENS_KEY,
     PromptCacheError,
@@ -65,6 +66,18 @@ def test_fingerprint_removed_is_refused(tiny, tmp_path):
     load_prompt_cache(path, prompt=ids + [7])  # without a model nothing can be checked against it
     with pytest.raises(PromptCacheError, match="records no model fingerprint.*delete the file"):
         load_prompt_cache(path, model=model, prompt=ids + [7])
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.pop(f"0.{FORMAT_KEY}"), lambda m: m.__setitem__(f"0.{FORMAT_KEY}", "1")])
+def test_a_file_of_another_cache_format_is_refused(tiny, tmp_path, edit):
+    """A file from before format 2 (no key: its compressor rows hold g + ape) would be pooled with ape added twice:
+    it is refused, with or without a model to check against."""
+    model, _ = tiny
+    path, ids = _make(model, tmp_path)
+    _edit(path, meta=edit)
+    for m in (None, model):
+        with pytest.raises(PromptCacheError, match="in cache format 1, which this version.*delete the file"):
+            load_prompt_cache(path, model=m, prompt=ids + [7])
 
 
 @pytest.mark.parametrize("array, change, message", [
