@@ -33,11 +33,13 @@ class Block(nn.Module):
 
     def _hc(self, site: str, X: mx.array, after=None):
         """The sub-layer's input, already through its RMSNorm (fused with mHC pre on Metal), post, comb; after:
-        the previous sub-layer's (output, post, comb), whose mHC post comes first (the same launch on Metal)."""
+        the previous sub-layer's (output, post, comb), whose mHC post comes first (the same launch on Metal). The
+        streams the sub-layer reads come fourth (X itself without `after`)."""
         a, norm = self.args, getattr(self, f"{site}_norm")
-        return hc_pre(X, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
-                      getattr(self, f"hc_{site}_base"), a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps,
-                      (norm.weight, norm.eps), after)
+        out = hc_pre(X, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+                     getattr(self, f"hc_{site}_base"), a.hc_sinkhorn_iters, a.hc_eps, a.norm_eps,
+                     (norm.weight, norm.eps), after)
+        return out if after is not None else (*out, X)
 
     def __call__(self, X: mx.array, tokens: mx.array, cache: LayerCache, simulate: bool,
                  experts=None) -> mx.array:
@@ -49,10 +51,7 @@ class Block(nn.Module):
         """The block short of its last mHC post: (its MoE's input streams, (the MoE output, post, comb)), what
         hc_post or the next block's `after` takes. after: the previous block's pending part, X its streams;
         its hc_post comes first (on Metal in this block's first hc_pre launch)."""
-        if after is None:
-            h, post, comb = self._hc("attn", X)
-        else:
-            h, post, comb, X = self._hc("attn", X, after)
+        h, post, comb, X = self._hc("attn", X, after)
         h, post, comb, X = self._hc("ffn", X, after=(self.attn(h, cache, simulate), post, comb))
         return X, (self.ffn(h, tokens, experts), post, comb)
 

@@ -229,7 +229,6 @@ def get_kernel(name: str):
     )
 
 
-@functools.cache
 @functools.lru_cache(maxsize=256)
 def placeholder(shape: tuple, dtype) -> mx.array:
     """An input a kernel's template never reads, made once per shape and dtype: a decode step's graph then holds
