@@ -245,7 +245,7 @@ class Attention(nn.Module):
         store = ids = None
         if m:
             comp, arr = self.compressor, cache.arrays
-            c, arr["comp_a"], arr["comp_g"] = comp.pool_ring(x, pos, arr["comp_a"], arr["comp_g"], cache.ends_window)
+            c, arr["comp_rows"] = comp.pool_ring(x, pos, arr["comp_rows"], cache.ends_window)
             if c is not None:
                 j = pos // m
                 cache.write("comp", rows_finish(c, fr, j * m, m, norm=True, weight=comp.norm.weight,

@@ -3,7 +3,7 @@
 One `LayerCache` per backbone layer holds
 - the sliding window: the last `window_size` K=V rows, in position order;
 - the compressed entries (ratio 4 or 128) and, for ratio 4, the indexer keys, in growable buffers;
-- the compressor states: leftover rows of the current unfinished window (a, g + ape) and, for the
+- the compressor states: leftover rows of the current unfinished window (a, g before ape) and, for the
   ratio-4 overlap, the first-half features of the previous complete window.
 Prefill may start at any offset and come in chunks of any size; batch rows share one offset.
 `state` / `from_state` make it round-trip through mlx-lm's prompt-cache files.

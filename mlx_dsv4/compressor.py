@@ -7,6 +7,9 @@ window j's tokens with the second half (before the first window: a = 0, g = -inf
 Post-processing: RMSNorm, RoPE at position j * ratio (the window's first token), and the
 trained-format rounding (FP8 for the main KV, Hadamard + FP4 for the indexer keys).
 
+The official wkv and wgate are held as one projection, wkv_gate (rows wkv then wgate; load.py fuses them):
+one matmul and, in a compiled decode step, one ring write per compressor and token instead of two.
+
 Rows wait for their window without ape, added when the window is pooled (the same fp32 sums, so the same
 entries): a decode step that completes no window does nothing with ape (on Metal: two launches less per
 compressor and token).
@@ -33,16 +36,19 @@ class Compressor(nn.Module):
         self.ratio, self.out_dim = ratio, out_dim
         self.overlap = ratio == 4
         coff = 2 if self.overlap else 1
-        self.wkv = nn.Linear(dim, coff * out_dim, bias=False)
-        self.wgate = nn.Linear(dim, coff * out_dim, bias=False)
+        self.wkv_gate = nn.Linear(dim, 2 * coff * out_dim, bias=False)
         self.ape = mx.zeros((ratio, coff * out_dim), dtype=mx.float32)
         self.norm = RMSNorm(out_dim, norm_eps)
 
-    def project(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """a = wkv x and g = wgate x (float32, before ape) for x [B, L, dim]."""
-        xf = x.astype(mx.float32)
+    def project(self, x: mx.array) -> mx.array:
+        """[a | g] = [wkv x | wgate x] (float32, g before ape) for x [B, L, dim]: [B, L, 2 coff D]."""
         # fp32 x fp32-promoted weights: the reference runs these projections in float32.
-        return self.wkv(xf).astype(mx.float32), self.wgate(xf).astype(mx.float32)
+        return self.wkv_gate(x.astype(mx.float32)).astype(mx.float32)
+
+    def split(self, ag: mx.array) -> tuple[mx.array, mx.array]:
+        """[a | g] -> (a, g)."""
+        n = ag.shape[-1] // 2
+        return ag[..., :n], ag[..., n:]
 
     def gated(self, wg: mx.array, prev_g: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
         """Windows of g rows [..., ratio, coff*D] (and the overlap's previous window [..., ratio, D]) with
@@ -56,7 +62,7 @@ class Compressor(nn.Module):
         Returns (entries [B, n, out_dim] float32 before post-processing, index of the first one)
         and updates `state` in place.
         """
-        windows, first = self.take_windows(*self.project(x), start, state)
+        windows, first = self.take_windows(*self.split(self.project(x)), start, state)
         if windows is None:
             return mx.zeros((x.shape[0], 0, self.out_dim), dtype=mx.float32), first
         wa, wg, prev_a, prev_g = windows
@@ -95,7 +101,7 @@ class Compressor(nn.Module):
         if L != 1 or len(starts) != B or len(states) != B:
             raise ValueError(f"pool_rows: one token per row and one start / state per row, got x {x.shape}, "
                              f"{len(starts)} starts, {len(states)} states")
-        a, g = self.project(x)
+        a, g = self.split(self.project(x))
         done, wins = [], []
         for i, (ai, gi) in enumerate(zip(mx.split(a, B), mx.split(g, B))):
             w, first = self.take_windows(ai, gi, starts[i], states[i])
@@ -114,24 +120,23 @@ class Compressor(nn.Module):
         wg, prev_g = self.gated(wg, prev_g)
         return compressor_pool(wa, wg, prev_a, prev_g, self.overlap), done
 
-    def pool_ring(self, x: mx.array, pos: mx.array, ra: mx.array, rg: mx.array, ends: bool):
-        """One token x [B, 1, dim] at position `pos` (an array) into the ring (ra, rg) of the last window's rows
+    def pool_ring(self, x: mx.array, pos: mx.array, ring: mx.array, ends: bool):
+        """One token x [B, 1, dim] at position `pos` (an array) into the ring [a | g] of the last window's rows
         (two windows with the overlap; ring_cache.py) and, where it ends its window (`ends`, known when the step is
         traced), the window's pooling. Returns (entry [B, 1, out_dim] float32 before post-processing, or None;
-        ra, rg)."""
-        size = ra.shape[1]
-        a, g = self.project(x)
-        slot = (pos % size).reshape(1)
-        ra, rg = mx.slice_update(ra, a, slot, axes=(1,)), mx.slice_update(rg, g, slot, axes=(1,))
+        the ring)."""
+        size = ring.shape[1]
+        ring = mx.slice_update(ring, self.project(x), (pos % size).reshape(1), axes=(1,))
         if not ends:
-            return None, ra, rg
+            return None, ring
+        ra, rg = self.split(ring)
         # slot s holds a position p with p % ratio == s % ratio: the ring's rows take ape in slot order
         g = self.gated(rg.reshape(rg.shape[0], size // self.ratio, self.ratio, -1))[0].reshape(rg.shape)
         if not self.overlap:  # the ring is the window
-            return compressor_pool(ra, g, None, None, False), ra, rg
+            return compressor_pool(ra, g, None, None, False), ring
         # window j in one half of the ring, window j - 1 in the other (before the first window the ring holds
         # a = 0, g = -inf there: ring_cache.py, and -inf + ape stays -inf); the kernel reads them in place
-        return compressor_pool(ra, g, None, None, True, pos), ra, rg
+        return compressor_pool(ra, g, None, None, True, pos), ring
 
     def __call__(self, x, start, state, freqs, dtype, fp8_nope: int) -> mx.array:
         """Pooled, normalised, rotated (RoPE at the window's first position j * ratio) entries

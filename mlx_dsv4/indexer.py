@@ -75,7 +75,7 @@ class Indexer(nn.Module):
         """__call__ for one token over a RingCache (ring_cache.py) at its array position: ids [B, 1, k] of the
         top-k visible keys of the whole capacity (-1 = none; k = min(topk, capacity))."""
         comp, arr, pos = self.compressor, cache.arrays, cache.pos
-        c, arr["index_a"], arr["index_g"] = comp.pool_ring(x, pos, arr["index_a"], arr["index_g"], cache.ends_window)
+        c, arr["index_rows"] = comp.pool_ring(x, pos, arr["index_rows"], cache.ends_window)
         if c is not None:
             j = pos // comp.ratio
             cache.write("index", index_finish(c.astype(x.dtype), freqs, j * comp.ratio, comp.ratio, simulate,

@@ -27,13 +27,40 @@ class WeightsError(ValueError):
 # Small tensors the reference keeps in float32 whatever the model dtype.
 _FP32 = re.compile(r"(hc_\w+|attn_sink|\.ape|gate\.bias|norm\.weight)$")
 _EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.(weight|scales|biases)$")
+# A compressor's wkv and wgate read the same input: the model holds them as one projection (rows wkv, then wgate).
+_PAIR = re.compile(r"^(.*\.compressor)\.(wkv|wgate)(\.(?:weight|scales|biases))?$")
+_FUSED = re.compile(r"^(.*\.compressor)\.wkv_gate(\.(?:weight|scales|biases))?$")
+
+
+def model_name(name: str) -> str:
+    """The model's name of an official tensor or module: routed experts stacked (no expert index), a
+    compressor's wkv / wgate in its fused wkv_gate."""
+    e = _EXPERT.match(name)
+    if e:
+        return f"{e[1]}.{e[3]}.{e[4]}"
+    c = _PAIR.match(name)
+    return f"{c[1]}.wkv_gate{c[3] or ''}" if c else name
+
+
+def official_items(name: str, w):
+    """(official name, tensor) pairs of one model tensor (mx or numpy): the inverse of to_model_layout, with
+    routed experts unstacked and a fused compressor projection split (its rows: wkv, then wgate)."""
+    if ".ffn.experts." in name:
+        head, tail = name.split(".ffn.experts.")
+        return [(f"{head}.ffn.experts.{e}.{tail}", w[e]) for e in range(w.shape[0])]
+    c = _FUSED.match(name)
+    if c:
+        n = w.shape[0] // 2
+        return [(f"{c[1]}.wkv{c[2]}", w[:n]), (f"{c[1]}.wgate{c[2]}", w[n:])]
+    return [(name, w)]
 
 
 def to_model_layout(weights: dict[str, mx.array], args: ModelArgs,
                     experts: range | None = None) -> dict[str, mx.array]:
-    """Official names -> model names: stack per-expert tensors, tid2eid to int32, drop DSpark stages.
+    """Official names -> model names: stack per-expert tensors, fuse each compressor's wkv and wgate
+    (official_items splits them back), tid2eid to int32, drop DSpark stages.
     experts: stack only these routed experts (a tensor-parallel rank's; the others stay unread)."""
-    out, per_expert = {}, {}
+    out, per_expert, pairs = {}, {}, {}
     n_mtp = args.n_mtp_layers
     for name, w in weights.items():
         m = re.match(r"mtp\.(\d+)\.", name)
@@ -43,12 +70,39 @@ def to_model_layout(weights: dict[str, mx.array], args: ModelArgs,
         if e:
             per_expert.setdefault((e[1], e[3], e[4]), {})[int(e[2])] = w
             continue
+        c = _PAIR.match(name)
+        if c and c[3]:
+            pairs.setdefault(model_name(name), {})[c[2]] = (name, w)
+            continue
         out[name] = w.astype(mx.int32) if name.endswith("tid2eid") else w
     for (prefix, proj, kind), per in per_expert.items():
         if sorted(per) != list(range(args.n_routed_experts)):
             missing = sorted(set(range(args.n_routed_experts)) - set(per))
             raise WeightsError(f"{prefix}.*.{proj}.{kind}: missing experts {missing[:8]}")
         out[f"{prefix}.{proj}.{kind}"] = mx.stack([per[i] for i in (experts or range(args.n_routed_experts))])
+    for fused, pair in pairs.items():
+        if len(pair) != 2:
+            ((name, _),) = pair.values()
+            raise WeightsError(f"{name}: its compressor's {'wgate' if 'wkv' in pair else 'wkv'} is missing")
+        (nk, k), (ng, g) = pair["wkv"], pair["wgate"]
+        if k.shape != g.shape or k.dtype != g.dtype:
+            raise WeightsError(f"{nk} {tuple(k.shape)} {k.dtype} and {ng} {tuple(g.shape)} {g.dtype} differ: "
+                               "a compressor's two projections have one shape and format")
+        out[fused] = mx.concatenate([k, g], axis=0)
+    return out
+
+
+def model_quantization(quantization: dict) -> dict:
+    """A converted config's per-module quantization entries under the model's module names (build_model)."""
+    out = {}
+    for name, q in quantization.items():
+        if not isinstance(q, dict):
+            continue
+        fused = model_name(name)
+        if fused in out and out[fused] != q:
+            raise WeightsError(f"{name} is quantized {q}, its compressor partner {out[fused]}: a compressor's wkv "
+                               "and wgate must share one format")
+        out[fused] = q
     return out
 
 
@@ -74,7 +128,7 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], dtype=None, simul
     if shard is not None:
         weights = shard.select(weights)
     if quantization:
-        per_module = {k: v for k, v in quantization.items() if isinstance(v, dict)}
+        per_module = model_quantization(quantization)
         nn.quantize(model, class_predicate=lambda path, _m: per_module.get(path, False))
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))

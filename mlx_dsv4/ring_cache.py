@@ -11,7 +11,7 @@ an array (`pos`), not a Python integer (compiled_step.py):
   is specialised on it, so the other steps neither pool nor write), and a query sees rows j < (pos + 1) // ratio;
 - compressor rows: a ring of one window (two with the ratio-4 overlap: the previous window's rows are
   the pooling's other half; before the first window that half holds a = 0, g = -inf, as the pooling takes
-  it), position p in slot p % size.
+  it), position p in slot p % size, each slot [a | g] as the compressor projects it (one write per step).
 Nothing is overwritten that the state SPARE steps back needs, so a decoder can end on that state
 (`to_layer(lc, P, fed)`): a pipelined decoder's last step fed one token too many.
 `from_layer` / `to_layer` convert from and to a LayerCache exactly (the same arrays, bit for bit).
@@ -105,7 +105,7 @@ class RingCache:
                 stores[name] = make_rows(rows.kind, getattr(rows, "nope", None))
                 continue
             stores[name], arrays[name] = _store(rows, capacity // m, B, D, dtype)
-            arrays[f"{name}_a"], arrays[f"{name}_g"] = _ring_rows(state, P, m, B, D)
+            arrays[f"{name}_rows"] = _ring_rows(state, P, m, B, D)
         return cls(m, W, stores, arrays)
 
     def to_layer(self, lc: LayerCache, P: int, fed: int) -> None:
@@ -124,23 +124,24 @@ class RingCache:
             state[key] = {"kind": self.stores[name].kind, "n": n}
             if name in a:
                 state[key].update({k: v[:, :n] for k, v in a[name].items()} if n else {})
-                state[f"{name}_state"] = _state(a[f"{name}_a"], a[f"{name}_g"], P, m)
+                state[f"{name}_state"] = _state(a[f"{name}_rows"], P, m)
         lc.state = state
 
 
-def _ring_rows(state: CompressorState, P: int, m: int, B: int, D: int) -> tuple[mx.array, mx.array]:
-    """The compressor's ring (a, g) [B, size, coff * D] from its state at offset P: the pending rows of the
-    current window and, with the overlap, the first halves of the previous window's rows."""
+def _ring_rows(state: CompressorState, P: int, m: int, B: int, D: int) -> mx.array:
+    """The compressor's ring [B, size, 2 coff D] ([a | g] per slot) from its state at offset P: the pending rows
+    of the current window and, with the overlap, the first halves of the previous window's rows."""
     size, coff = (2 * m, 2) if m == 4 else (m, 1)
-    ra, rg = mx.zeros((B, size, coff * D), mx.float32), mx.zeros((B, size, coff * D), mx.float32)
+    F = coff * D  # a's width, then g's
+    ring = mx.zeros((B, size, 2 * F), mx.float32)
     pending, prev = _slots(P, m, size)
     if pending is not None:
-        ra[:, pending], rg[:, pending] = state.rows_kv, state.rows_gate
+        ring[:, pending] = mx.concatenate([state.rows_kv, state.rows_gate], axis=-1)
     if prev is not None and state.prev_kv is not None:
-        ra[:, prev, :D], rg[:, prev, :D] = state.prev_kv, state.prev_gate
+        ring[:, prev, :D], ring[:, prev, F : F + D] = state.prev_kv, state.prev_gate
     if m == 4 and P < m:  # before the first window the previous one is a = 0, g = -inf (weight 0 in the pooling)
-        rg[:, m:, :D] = -mx.inf
-    return ra, rg
+        ring[:, m:, F : F + D] = -mx.inf
+    return ring
 
 
 def _slots(P: int, m: int, size: int) -> tuple[mx.array | None, mx.array | None]:
@@ -152,13 +153,14 @@ def _slots(P: int, m: int, size: int) -> tuple[mx.array | None, mx.array | None]
     return pending, prev
 
 
-def _state(ra: mx.array, rg: mx.array, P: int, m: int) -> dict:
-    """CompressorState.arrays() of the compressor whose ring is (ra, rg), at offset P."""
+def _state(ring: mx.array, P: int, m: int) -> dict:
+    """CompressorState.arrays() of the compressor whose ring is `ring` ([a | g] per slot), at offset P."""
     s = dict.fromkeys(CompressorState.FIELDS)
-    pending, prev = _slots(P, m, ra.shape[1])
+    pending, prev = _slots(P, m, ring.shape[1])
+    F = ring.shape[-1] // 2
     if pending is not None:
-        s["rows_kv"], s["rows_gate"] = ra[:, pending], rg[:, pending]
+        s["rows_kv"], s["rows_gate"] = ring[:, pending, :F], ring[:, pending, F:]
     if prev is not None:
-        D = ra.shape[-1] // 2
-        s["prev_kv"], s["prev_gate"] = ra[:, prev, :D], rg[:, prev, :D]
+        D = F // 2
+        s["prev_kv"], s["prev_gate"] = ring[:, prev, :D], ring[:, prev, F : F + D]
     return s

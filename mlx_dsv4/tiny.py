@@ -8,7 +8,6 @@ routing, mHC, MTP) with the real 129,280-token vocabulary, so the real tokenizer
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -97,18 +96,14 @@ def bench_hf_config() -> dict:
 
 def _official_shapes(args) -> dict[str, tuple[tuple[int, ...], str]]:
     """Official tensor names -> (shape, dtype name) derived from the MLX module tree."""
+    from .load import official_items
     from .model import Model
 
     model = Model(args)
     out = {}
     for name, p in tree_flatten(model.parameters()):
-        m = re.match(r"(.*\.ffn\.experts)\.(w[123])\.weight$", name)
-        if m:  # official checkpoints hold one tensor per expert
-            for e in range(p.shape[0]):
-                out[f"{m[1]}.{e}.{m[2]}.weight"] = (tuple(p.shape[1:]), "float32")
-            continue
-        dt = "int64" if name.endswith("tid2eid") else "float32"
-        out[name] = (tuple(p.shape), dt)
+        for oname, w in official_items(name, p):  # one tensor per expert; a compressor's wkv and wgate
+            out[oname] = (tuple(w.shape), "int64" if name.endswith("tid2eid") else "float32")
     return out
 
 

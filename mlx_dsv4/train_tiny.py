@@ -47,7 +47,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint.official import FP4_GROUP, FP8_BLOCK, expected_tensors
 from .config import from_hf_config
-from .load import build_model, to_model_layout
+from .load import build_model, model_name, official_items, to_model_layout
 from .tiny import random_weights, tiny_hf_config
 
 HOLDOUT_MOD = 50
@@ -142,10 +142,11 @@ def storage_rounding(hf_config: dict) -> dict[str, callable]:
     for name, (dt, _) in spec.items():
         if name.endswith(".scale"):
             continue
-        if ".ffn.experts." in name:  # stacked per layer in the model: layers.L.ffn.experts.w1.weight
-            head, tail = name.split(".ffn.experts.")
-            name = f"{head}.ffn.experts.{tail.split('.', 1)[1]}"
-        rules[name] = {"F8_E4M3": fp8_block_fake, "I8": fp4_fake, "BF16": bf16_fake}.get(dt)
+        rule = {"F8_E4M3": fp8_block_fake, "I8": fp4_fake, "BF16": bf16_fake}.get(dt)
+        name = model_name(name)  # experts stacked, a compressor's pair fused: one storage format each
+        if rules.get(name, rule) is not rule:
+            raise ValueError(f"{name}: its official tensors are stored in different formats")
+        rules[name] = rule
     return rules
 
 
@@ -337,14 +338,8 @@ def official_weights(model, hf_config: dict) -> dict[str, np.ndarray]:
     out = {}
     for name, v in tree_flatten(model.parameters()):
         a = np.array(v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v)
-        if ".ffn.experts." in name:
-            head, tail = name.split(".ffn.experts.")
-            for e in range(a.shape[0]):
-                out[f"{head}.ffn.experts.{e}.{tail}"] = a[e]
-        elif name.endswith("tid2eid"):
-            out[name] = a.astype(np.int64)
-        else:
-            out[name] = a
+        for oname, w in official_items(name, a):
+            out[oname] = w.astype(np.int64) if name.endswith("tid2eid") else w
     return out
 
 

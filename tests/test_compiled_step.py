@@ -44,7 +44,9 @@ def prefilled(model, n: int, batch: int = 1):
 
 
 def same_state(a: dict, b: dict, tol: float = 0.0) -> list[str]:
-    """Keys whose values differ (arrays: by more than tol of their largest magnitude)."""
+    """Keys whose values differ (arrays: by more than tol of their largest magnitude). With tol, an FP8 store's
+    codes may differ by one step (a value at a rounding boundary, see the module docstring) in at most one of
+    1,000 entries (and at least one entry; OpenBLAS on an AMD EPYC VM flipped one of 4,320 codes)."""
     assert a.keys() == b.keys()
     bad = []
     for k in a:
@@ -55,6 +57,9 @@ def same_state(a: dict, b: dict, tol: float = 0.0) -> list[str]:
             ok = False
         elif tol and x.dtype.kind == "f":
             ok = np.abs(x.astype(np.float64) - y).max(initial=0) <= tol * max(1.0, np.abs(x).max(initial=0))
+        elif tol and k.endswith(".codes"):
+            d = np.abs(x.astype(np.int64) - y)
+            ok = d.max(initial=0) <= 1 and (d > 0).sum() <= max(1, x.size // 1000)
         else:
             ok = np.array_equal(x, y)
         if not ok:
@@ -200,11 +205,11 @@ def _kernel_step_nodes(model, cache) -> int:
         return sum(lc._count(outs).values())
 
 
-@pytest.mark.parametrize("n, bound", [(40, 410), (127, 464)], ids=["no_window_ends", "all_windows_end"])
+@pytest.mark.parametrize("n, bound", [(40, 390), (127, 454)], ids=["no_window_ends", "all_windows_end"])
 def test_the_kernel_step_replays_few_nodes(monkeypatch, n, bound):
     """A count, not a timing: replaying the compiled step costs host time per node (README "Host time per
     decode step"), so its node count is guarded, for the step that completes no window (3 of 4 steps) and the
-    one that completes the CSA and HCA windows. 402 / 455 on the 5-layer tiny Flash with MLX 0.32 (a new MLX
+    one that completes the CSA and HCA windows. 382 / 445 on the 5-layer tiny Flash with MLX 0.32 (a new MLX
     may move them: re-measure then); the bounds leave 2%. Negative control: position vectors built from a
     fresh constant per launch (as before) are nodes mx.compile cannot merge, and the bound catches them."""
     model = mlx_model("flash", simulate_qat=True)

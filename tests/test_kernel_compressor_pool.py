@@ -143,8 +143,8 @@ def _compressor(ratio, dim, D, seed):
     rng = np.random.default_rng(seed)
     c = Compressor(dim, D, ratio, 1e-6)
     coff = 2 if ratio == 4 else 1
-    c.wkv.weight = mx.array(rng.standard_normal((coff * D, dim)).astype(np.float32) / np.sqrt(dim))
-    c.wgate.weight = mx.array(rng.standard_normal((coff * D, dim)).astype(np.float32) / np.sqrt(dim))
+    wkv, wgate = (rng.standard_normal((coff * D, dim)).astype(np.float32) / np.sqrt(dim) for _ in range(2))
+    c.wkv_gate.weight = mx.array(np.concatenate([wkv, wgate]))  # rows wkv, then wgate (load.to_model_layout)
     c.ape = mx.array(rng.standard_normal((ratio, coff * D)).astype(np.float32))
     return c, rng.standard_normal((2, 23, dim)).astype(np.float32)
 
@@ -161,8 +161,8 @@ def _pool_chunks(c, x, cuts):
 @pytest.mark.parametrize("ratio", [4, 8])
 def test_compressor_pool_over_chunks_matches_the_spec_stream(ratio):
     c, x = _compressor(ratio, 6, 5, seed=ratio)
-    exact = _spec_stream(x.astype(np.float64), np.array(c.wkv.weight, np.float64),
-                         np.array(c.wgate.weight, np.float64), np.array(c.ape, np.float64), ratio, ratio == 4)
+    wkv, wgate = np.split(np.array(c.wkv_gate.weight, np.float64), 2)
+    exact = _spec_stream(x.astype(np.float64), wkv, wgate, np.array(c.ape, np.float64), ratio, ratio == 4)
     got, firsts = _pool_chunks(c, x, [3, 10, 11])  # chunks end mid-window, complete several, complete none
     assert got.shape == exact.shape == (2, 23 // ratio, 5)
     np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-5)  # fp32 projections dominate the error

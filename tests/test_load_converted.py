@@ -69,3 +69,50 @@ def test_unquantized_official_dir(tmp_path):
     ref = build_model(args, to_model_layout({k: mx.array(v) for k, v in w.items()}, args), mx.float32, False)
     toks = mx.array(np.random.default_rng(2).integers(0, 129280, (1, 40)))
     assert rel_err(np.array(model(toks)), np.array(ref(toks))) == 0.0
+
+
+def test_compressor_projections_fuse_losslessly(tmp_path):
+    """A compressor's wkv and wgate (official names) are one projection in the model, wkv_gate: rows wkv, then
+    wgate. Truth: the file's own tensors. Converted to affine8, the fused packed weight, scales and biases are
+    the two files' rows bit for bit, and the fused projection of x is the two quantized matmuls of x side by side."""
+    from mlx_dsv4.load import model_quantization
+
+    cfg = small_config("flash")
+    root = tmp_path / "official"
+    write_official_checkpoint(root, cfg, random_official_weights(cfg, seed=5))
+    out = convert(root, tmp_path / "mlx", overrides={"compressor": "affine8"}, group_size=32, progress=False)
+    qcfg, files = load_weights(out)
+    model, _ = load(out, dtype=mx.float32, simulate_qat=False)
+    for prefix, comp in (("layers.1.attn.compressor", model.layers[1].attn.compressor),  # CSA: both compressors
+                         ("layers.1.attn.indexer.compressor", model.layers[1].attn.indexer.compressor)):
+        q = qcfg["quantization"][f"{prefix}.wkv"]
+        assert model_quantization(qcfg["quantization"])[f"{prefix}.wkv_gate"] == q
+        for part in ("weight", "scales", "biases"):
+            both = mx.concatenate([files[f"{prefix}.wkv.{part}"], files[f"{prefix}.wgate.{part}"]])
+            assert mx.array_equal(comp.wkv_gate[part], both).item(), part
+        x = mx.array(np.random.default_rng(0).standard_normal((1, 3, cfg["hidden_size"])).astype(np.float32))
+        halves = [mx.quantized_matmul(x, *(files[f"{prefix}.{w}.{p}"] for p in ("weight", "scales", "biases")),
+                                      transpose=True, group_size=q["group_size"], bits=q["bits"]) for w in ("wkv", "wgate")]
+        assert mx.array_equal(comp.project(x), mx.concatenate(halves, axis=-1)).item()
+
+
+def test_model_layout_round_trips_and_names_a_missing_partner():
+    """official_items inverts to_model_layout (experts unstacked, compressor pairs split): the same names and
+    tensors bit for bit. A compressor tensor without its partner, or a pair quantized two ways, is refused
+    with a message naming it."""
+    from mlx_dsv4.load import WeightsError, model_quantization, official_items
+    from mlx_dsv4.tiny import random_weights, tiny_hf_config
+
+    args = from_hf_config(tiny_hf_config("flash"))
+    w = {k: mx.array(v) for k, v in random_weights(args, 1).items()}
+    model_w = to_model_layout(w, args)
+    assert "layers.2.attn.compressor.wkv_gate.weight" in model_w
+    back = dict(p for k, v in model_w.items() for p in official_items(k, v))
+    assert back.keys() == w.keys()
+    assert all(mx.array_equal(back[k], w[k].astype(back[k].dtype)).item() for k in w)
+    lone = {k: v for k, v in w.items() if k != "layers.3.attn.compressor.wgate.weight"}
+    with pytest.raises(WeightsError, match=r"layers\.3\.attn\.compressor\.wkv\.weight: its compressor's wgate"):
+        to_model_layout(lone, args)
+    q8, q4 = {"group_size": 32, "bits": 8, "mode": "affine"}, {"group_size": 32, "bits": 4, "mode": "affine"}
+    with pytest.raises(WeightsError, match=r"compressor\.wgate is quantized"):
+        model_quantization({"layers.3.attn.compressor.wkv": q8, "layers.3.attn.compressor.wgate": q4})
