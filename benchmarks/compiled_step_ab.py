@@ -45,8 +45,8 @@ def child(root: Path, steps: int, context: int) -> None:
         raise SystemExit(f"{root}: imported mlx_dsv4 from {mlx_dsv4.__file__}")
     model = load_bench_model("bench", mx.bfloat16, simulate_qat=True)
     nn.quantize(model, class_predicate=lambda _p, m: isinstance(m, SwitchLinear), group_size=32, bits=4, mode="mxfp4")
-    nn.quantize(model, group_size=32, bits=8, mode="mxfp8", class_predicate=lambda p, m: isinstance(m, nn.Linear)
-                and p != "head" and m.weight.shape[-1] % 32 == 0)
+    nn.quantize(model, group_size=32, bits=8, mode="mxfp8", class_predicate=lambda p, m:
+                (isinstance(m, nn.Linear) or p.endswith(".wo_a")) and p != "head" and m.weight.shape[-1] % 32 == 0)
     cache, first = prefilled(model, context)
     with kernels_counted():
         cd = CompiledDecode(model, snapshot(cache), steps + 8)

@@ -183,7 +183,8 @@ def converted_host(contexts: list[int], steps: int) -> list[tuple]:
     model = load_bench_model("bench", mx.bfloat16, simulate_qat=True)
     nn.quantize(model, class_predicate=lambda _p, m: isinstance(m, SwitchLinear), group_size=32, bits=4, mode="mxfp4")
     nn.quantize(model, group_size=32, bits=8, mode="mxfp8",
-                class_predicate=lambda p, m: isinstance(m, nn.Linear) and p != "head" and m.weight.shape[-1] % 32 == 0)
+                class_predicate=lambda p, m: (isinstance(m, nn.Linear) or p.endswith(".wo_a")) and p != "head"
+                and m.weight.shape[-1] % 32 == 0)
     print(f"machine: {machine()}\nBLAS really loaded: {loaded_blas()}\nbench model as converted (bf16, routed experts "
           f"mxfp4, other projections mxfp8, head bf16), simulation on; medians of {steps} steps")
     rows = []

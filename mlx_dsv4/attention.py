@@ -24,6 +24,33 @@ from .ring_cache import RingCache
 from .rope import cos_sin, inv_freq, table
 
 
+class GroupedLinear(nn.Module):
+    """wo_a: G independent projections [R, in], one per output group (the block-diagonal half of the grouped
+    output), held as one [G, R, in] weight. The official tensor is [G R, in]; load.to_model_layout splits its
+    rows by group once, where a split in the step would be a node at every token. Quantized along its inputs
+    as nn.QuantizedLinear is (the split is along the outputs, so packing and scales split with it)."""
+
+    def __init__(self, groups: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = mx.zeros((groups, out_dim, in_dim))
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
+                     quantize_input: bool = False) -> GroupedLinear:
+        """For nn.quantize: the same projection quantized as nn.QuantizedLinear would (its defaults per mode)."""
+        if quantize_input:
+            raise ValueError("wo_a: quantized activations are not supported")
+        G, R, n = self.weight.shape
+        flat = nn.Linear(n, G * R, bias=False)
+        flat.weight = self.weight.reshape(G * R, n)
+        q = flat.to_quantized(group_size=group_size, bits=bits, mode=mode)
+        out = GroupedLinear(G, n, R)
+        for k in ("weight", "scales", "biases"):
+            if k in q:
+                out[k] = q[k].reshape(G, R, -1)
+        out.group_size, out.bits, out.mode = q.group_size, q.bits, q.mode
+        return out
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, shard=None):
         """shard (distributed.TensorShard): hold only its output groups' heads; the output is then
@@ -40,7 +67,7 @@ class Attention(nn.Module):
         self.wq_b = nn.Linear(args.q_lora_rank, H * D, bias=False)
         self.wkv = nn.Linear(d, D, bias=False)
         self.kv_norm = RMSNorm(D, args.norm_eps)
-        self.wo_a = nn.Linear(args.n_heads * D // args.o_groups, self.o_groups * args.o_lora_rank, bias=False)
+        self.wo_a = GroupedLinear(self.o_groups, args.n_heads * D // args.o_groups, args.o_lora_rank)
         self.wo_b = nn.Linear(self.o_groups * args.o_lora_rank, d, bias=False)
         self.attn_sink = mx.zeros((H,), dtype=mx.float32)
         if self.ratio:
@@ -55,10 +82,7 @@ class Attention(nn.Module):
 
     def grouped_out(self, o: mx.array) -> mx.array:
         """o [B, L, H, D] (or [B, L, H*D]) -> wo_b(concat_g wo_a[g] . o_g): a block-diagonal then a dense
-        projection.
-
-        wo_a's rows are split into G groups; packing runs along the inputs, so this split is
-        valid for quantized weights too (reshaping across the input axis would not be)."""
+        projection."""
         G, R = self.o_groups, self.args.o_lora_rank
         og = o.reshape(self.grouped_shape(o.shape[0], o.shape[1]))  # no node when o comes in this shape
         B, L = o.shape[:2]
@@ -67,12 +91,11 @@ class Attention(nn.Module):
             # in decode the rows' indices are a shared constant (MLX's own are an arange, which a compiled step
             # replays per layer)
             lhs = registry.constant(tuple(range(B * G)), mx.uint32).reshape(B, L, G) if L == 1 else None
-            split = lambda t: None if t is None else t.reshape(G, R, -1)  # noqa: E731
-            a = mx.gather_qmm(og, split(wo_a.weight), split(wo_a.scales), split(wo_a.get("biases")), lhs_indices=lhs,
+            a = mx.gather_qmm(og, wo_a.weight, wo_a.scales, wo_a.get("biases"), lhs_indices=lhs,
                               rhs_indices=registry.constant(tuple(range(G)), mx.uint32), transpose=True,
                               group_size=wo_a.group_size, bits=wo_a.bits, mode=wo_a.mode)
         else:
-            a = og @ mx.swapaxes(wo_a.weight.reshape(G, R, -1), -1, -2)
+            a = og @ mx.swapaxes(wo_a.weight, -1, -2)
         return self.wo_b(a.reshape(B, L, G * R))
 
     def __call__(self, x: mx.array, cache, simulate: bool) -> mx.array:

@@ -30,6 +30,8 @@ _EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.(weight|scales|bias
 # A compressor's wkv and wgate read the same input: the model holds them as one projection (rows wkv, then wgate).
 _PAIR = re.compile(r"^(.*\.compressor)\.(wkv|wgate)(\.(?:weight|scales|biases))?$")
 _FUSED = re.compile(r"^(.*\.compressor)\.wkv_gate(\.(?:weight|scales|biases))?$")
+# wo_a's rows by output group: [G R, in] in the files, [G, R, in] in the model (attention.GroupedLinear).
+_WO_A = re.compile(r"\.attn\.wo_a\.(weight|scales|biases)$")
 
 
 def model_name(name: str) -> str:
@@ -44,7 +46,8 @@ def model_name(name: str) -> str:
 
 def official_items(name: str, w):
     """(official name, tensor) pairs of one model tensor (mx or numpy): the inverse of to_model_layout, with
-    routed experts unstacked and a fused compressor projection split (its rows: wkv, then wgate)."""
+    routed experts unstacked, a fused compressor projection split (its rows: wkv, then wgate) and wo_a's groups
+    joined."""
     if ".ffn.experts." in name:
         head, tail = name.split(".ffn.experts.")
         return [(f"{head}.ffn.experts.{e}.{tail}", w[e]) for e in range(w.shape[0])]
@@ -52,13 +55,15 @@ def official_items(name: str, w):
     if c:
         n = w.shape[0] // 2
         return [(f"{c[1]}.wkv{c[2]}", w[:n]), (f"{c[1]}.wgate{c[2]}", w[n:])]
+    if _WO_A.search(name):
+        return [(name, w.reshape(-1, w.shape[-1]))]
     return [(name, w)]
 
 
 def to_model_layout(weights: dict[str, mx.array], args: ModelArgs,
                     experts: range | None = None) -> dict[str, mx.array]:
-    """Official names -> model names: stack per-expert tensors, fuse each compressor's wkv and wgate
-    (official_items splits them back), tid2eid to int32, drop DSpark stages.
+    """Official names -> model names: stack per-expert tensors, fuse each compressor's wkv and wgate, split
+    wo_a's rows by output group (official_items undoes all three), tid2eid to int32, drop DSpark stages.
     experts: stack only these routed experts (a tensor-parallel rank's; the others stay unread)."""
     out, per_expert, pairs = {}, {}, {}
     n_mtp = args.n_mtp_layers
@@ -74,6 +79,10 @@ def to_model_layout(weights: dict[str, mx.array], args: ModelArgs,
         if c and c[3]:
             pairs.setdefault(model_name(name), {})[c[2]] = (name, w)
             continue
+        if _WO_A.search(name):
+            if w.shape[0] % args.o_groups:
+                raise WeightsError(f"{name}: {w.shape[0]} rows do not split into {args.o_groups} output groups")
+            w = w.reshape(args.o_groups, -1, w.shape[-1])
         out[name] = w.astype(mx.int32) if name.endswith("tid2eid") else w
     for (prefix, proj, kind), per in per_expert.items():
         if sorted(per) != list(range(args.n_routed_experts)):

@@ -120,6 +120,11 @@ def fp8_block_fake(w: mx.array) -> mx.array:
     return q.reshape(R * FP8_BLOCK, C * FP8_BLOCK)[:out, :inp]
 
 
+def _over_file_rows(w: mx.array) -> mx.array:
+    """fp8_block_fake of wo_a [G, R, in] (attention.GroupedLinear) over the rows the file holds, [G R, in]."""
+    return fp8_block_fake(w.reshape(-1, w.shape[-1])).reshape(w.shape)
+
+
 def fp4_fake(w: mx.array) -> mx.array:
     """[..., in] through FP4 e2m1 with one power-of-two scale per 32 inputs (the experts' format)."""
     v = w.reshape(*w.shape[:-1], -1, FP4_GROUP)
@@ -143,6 +148,8 @@ def storage_rounding(hf_config: dict) -> dict[str, callable]:
         if name.endswith(".scale"):
             continue
         rule = {"F8_E4M3": fp8_block_fake, "I8": fp4_fake, "BF16": bf16_fake}.get(dt)
+        if rule is fp8_block_fake and name.endswith(".attn.wo_a.weight"):  # the file's blocks: of [G R, in]
+            rule = _over_file_rows
         name = model_name(name)  # experts stacked, a compressor's pair fused: one storage format each
         if rules.get(name, rule) is not rule:
             raise ValueError(f"{name}: its official tensors are stored in different formats")

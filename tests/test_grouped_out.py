@@ -38,3 +38,23 @@ def test_quantized_grouped_out_is_the_block_diagonal_product(mode, B, L):
     got = a.grouped_out(o)
     assert got.shape == want.shape
     assert np.abs(np.array(got) - np.array(want)).max() <= 1e-5 * np.abs(np.array(want)).max()
+
+
+@pytest.mark.parametrize("mode", ["mxfp8", "affine"])
+def test_grouped_quantization_is_the_files_rows_split_by_group(mode):
+    """wo_a is held [G, R, in] (GroupedLinear); a converted checkpoint quantizes the file's [G R, in] as
+    nn.QuantizedLinear does. Truth: that quantization, split by group, bit for bit (packing and scales run along
+    the inputs), with the same group size, bits and mode."""
+    wo_a = Attention(from_hf_config(tiny_hf_config("flash", o_groups=4)), 0).wo_a
+    G, R, n = wo_a.weight.shape
+    mx.random.seed(3)
+    wo_a.weight = mx.random.normal((G, R, n)) * 0.1
+    flat = nn.Linear(n, G * R, bias=False)
+    flat.weight = wo_a.weight.reshape(G * R, n)
+    kw = {"mode": "mxfp8", "group_size": 32, "bits": 8} if mode == "mxfp8" else {"group_size": 32, "bits": 4}
+    want, got = flat.to_quantized(**kw), wo_a.to_quantized(**kw)
+    assert (got.group_size, got.bits, got.mode) == (want.group_size, want.bits, want.mode)
+    for k in ("weight", "scales", "biases"):
+        assert (k in got) == (k in want), k
+        if k in want:
+            assert mx.array_equal(got[k], want[k].reshape(G, R, -1)).item(), k
