@@ -11,7 +11,7 @@ all_sums per layer rebuild the full output (one after the attention, one after t
 - Attention is split by output group: V4's wo_a is block-diagonal over o_groups groups of heads,
   then wo_b is dense, so sum over ranks of wo_b[:, my groups] . wo_a[my groups] . o[my heads] is
   the full output. A rank holds its groups' query heads (wq_b rows, attn_sink entries), their wo_a
-  rows and the matching input columns of wo_b.
+  groups ([G, R, in] in the model: the first axis) and the matching input columns of wo_b.
 - Replicated in the attention: wkv, kv_norm, the Compressor and the Indexer. V4 has one K = V head
   (MQA) that all heads read, and the indexer's top-k picks the compressed entries every head sees,
   so every rank needs the full KV cache and the same selection: splitting them would cost one
