@@ -10,7 +10,7 @@ from mlx_dsv4.cache_size import cache_bytes, layer_bytes
 from mlx_dsv4.config import from_hf_config
 from mlx_dsv4.formats import fp8_block_roundtrip, indexer_roundtrip
 from mlx_dsv4.kvstore import FP4Rows, FP8Rows
-from tinymodels import mlx_model, run_chunked, tokens
+from tinymodels import mlx_model, tokens
 
 
 def _run(model, toks, chunk, compact):

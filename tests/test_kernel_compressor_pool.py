@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from kernel_util import assert_caught, fake_metal, needs_cxx, variant
 
-from mlx_dsv4 import compressor as comp_mod
 from mlx_dsv4.cache import CompressorState
 from mlx_dsv4.compressor import Compressor
 from mlx_dsv4.kernels import compressor_pool as cp

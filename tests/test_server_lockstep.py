@@ -5,7 +5,6 @@ follower fed a different prompt token, deaf to a cancellation, or missing rank 0
 (tests/test_distributed_serve.py runs the same over MLX collectives between two processes.)"""
 
 import copy
-import queue
 import threading
 
 import pytest

@@ -11,7 +11,6 @@ array declarations, which become storage shared by the threadgroup's fibers.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
