@@ -343,6 +343,23 @@ def test_out_of_bounds_access_is_reported_with_the_buffer():
 
 
 @needs_cxx
+def test_far_and_backward_accesses_are_caught_not_let_into_the_process():
+    """A stray index far past a buffer's end or before its start faults in the 64 MiB guard regions (a single guard
+    page let a larger stride write into the test process's own heap), and a write into the slack just before the
+    start, which no guard page covers, fails the launch afterwards."""
+    x = np.arange(64, dtype=F32)
+    far = spec("uint i = thread_position_in_grid.x;\ny[i + 262144] = x[i];", "x: float", "y: float")  # 1 MiB on
+    with pytest.raises(MetalSimError, match=r"1048320 bytes past the end of output 'y' \(256 bytes\)"):
+        run_metal_kernel_on_cpu(far, [x], None, (64, 1, 1), (32, 1, 1), [(64,)], [F32])
+    back = spec("int i = int(thread_position_in_grid.x);\ny[i] = x[i - 262144];", "x: float", "y: float")
+    with pytest.raises(MetalSimError, match=r"1048576 bytes before the start of input 'x' \(256 bytes\)"):
+        run_metal_kernel_on_cpu(back, [x], None, (64, 1, 1), (32, 1, 1), [(64,)], [F32])
+    slack = spec("int i = int(thread_position_in_grid.x);\ny[i - 1] = x[i];", "x: float", "y: float")
+    with pytest.raises(MetalSimError, match=r"a write 4 bytes before the start of output 'y' \(256 bytes\)"):
+        run_metal_kernel_on_cpu(slack, [x], None, (64, 1, 1), (32, 1, 1), [(64,)], [F32])
+
+
+@needs_cxx
 def test_outputs_start_poisoned_unless_init_value():
     s = spec("uint i = thread_position_in_grid.x;\ny[2 * i] = x[i];", "x: float", "y: float")
     x = np.arange(8, dtype=F32)

@@ -1,9 +1,9 @@
 """Run a Metal kernel's source on the CPU: compile it with g++ against metal_sim.h, call it via ctypes.
 
 The call mirrors mx.fast.metal_kernel's (inputs, template, grid, threadgroup, output_shapes,
-output_dtypes, init_value). Every buffer ends at a PROT_NONE guard page, so reading or writing
-past the end of an input or output stops the launch with a message naming the buffer; slack
-bytes and outputs without init_value hold 0xFF (NaN for floats). By default the kernel runs
+output_dtypes, init_value). Every buffer sits between 64 MiB PROT_NONE guard regions, so reading or
+writing past its end or before its start stops the launch with a message naming the buffer; slack
+bytes and outputs without init_value hold 0xFF (NaN for floats), and a launch that wrote slack fails. By default the kernel runs
 twice, with SIMD groups and lanes in forward and in reverse order, and the outputs must agree
 bit for bit: a result that depends on the schedule is a race (typically a missing barrier).
 Compiled libraries are cached by a hash of the translation unit, flags and headers.
@@ -124,31 +124,52 @@ def compile_unit(tu: str) -> ctypes.CDLL:
     return lib
 
 
+_GUARD = 64 << 20  # PROT_NONE address space on either side of a buffer (never touched, so never memory): a
+# stray index of up to 64 MiB faults, where a single guard page let a larger one write into this process's heap
+
+
 class _Buffer:
-    """Bytes that end (16-byte aligned) just before a PROT_NONE page; the rest is 0xFF."""
+    """Bytes that end (16-byte aligned) just before _GUARD bytes of PROT_NONE pages, with as many before the page
+    they start in; the slack between (under a page before, under 16 bytes after) is 0xFF, and a launch that
+    writes it is caught afterwards (`stray`)."""
 
     def __init__(self, label: str, nbytes: int, lead: int = 0):
         self.label, self.nbytes = label, nbytes
-        total = -(-(nbytes + 16) // _PAGE) * _PAGE + _PAGE
-        self.mm = mmap.mmap(-1, total)
-        raw = np.frombuffer(self.mm, np.uint8, total - _PAGE)
-        raw[:] = 0xFF
-        base = raw.ctypes.data
-        self.guard = base + total - _PAGE
-        if _libc.mprotect(self.guard, _PAGE, 0) != 0:  # PROT_NONE: reads fault too
-            raise OSError(ctypes.get_errno(), "mprotect failed for the guard page")
+        data = -(-(nbytes + 16) // _PAGE) * _PAGE
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self.mm = mmap.mmap(-1, _GUARD + data + _GUARD, flags=flags)
+        whole = np.frombuffer(self.mm, np.uint8)
+        base = whole.ctypes.data
+        self.lo, self.guard = base + _GUARD, base + _GUARD + data
+        for at in (base, self.guard):
+            if _libc.mprotect(at, _GUARD, 0) != 0:  # PROT_NONE: reads fault too
+                raise OSError(ctypes.get_errno(), "mprotect failed for a guard region")
+        self.raw = whole[_GUARD : _GUARD + data]
+        self.raw[:] = 0xFF
         self.start = (self.guard - nbytes) & ~15
-        self.bytes = raw[self.start - base : self.start - base + nbytes]
+        self.bytes = self.raw[self.start - self.lo : self.start - self.lo + nbytes]
         self.ptr = self.start + lead  # lead: byte offset of element 0 in a strided view
 
     def view(self, dtype, shape) -> np.ndarray:
         return self.bytes.view(dtype).reshape(shape)
 
     def describe(self, addr: int) -> str | None:
-        if self.start + self.nbytes <= addr < self.guard + _PAGE:
+        if self.start + self.nbytes <= addr < self.guard + _GUARD:
             return f"{addr - self.start - self.nbytes} bytes past the end of {self.label} ({self.nbytes} bytes)"
+        if self.lo - _GUARD <= addr < self.start:
+            return f"{self.start - addr} bytes before the start of {self.label} ({self.nbytes} bytes)"
         if self.start <= addr < self.start + self.nbytes:
             return f"inside {self.label}"
+        return None
+
+    def stray(self) -> str | None:
+        """A write into the slack around the bytes (what no guard page catches), described; None if none."""
+        k = self.start - self.lo
+        before, after = np.flatnonzero(self.raw[:k] != 0xFF), np.flatnonzero(self.raw[k + self.nbytes :] != 0xFF)
+        if before.size:
+            return f"a write {k - before[0]} bytes before the start of {self.label} ({self.nbytes} bytes)"
+        if after.size:
+            return f"a write {after[-1]} bytes past the end of {self.label} ({self.nbytes} bytes)"
         return None
 
 
@@ -230,6 +251,8 @@ def run_metal_kernel_on_cpu(
                 where = [d for b in named + [b for b, *_ in outs] if (d := b.describe(int(m[1], 16)))]
                 msg += f" ({where[0]})" if where else ""
             raise (ValueError if rc == 1 else MetalSimError)(f"kernel {spec.name!r}: {msg}")
+        if stray := next((m for b in named + [b for b, *_ in outs] if (m := b.stray())), None):
+            raise MetalSimError(f"kernel {spec.name!r}: {stray}")
         results.append([_read(b, dt, shape, t) for b, dt, shape, t in outs])
     for other, schedule in zip(results[1:], schedules[1:]):
         for name, a, b in zip(spec.outputs, results[0], other):
