@@ -120,9 +120,10 @@ def fp8_block_fake(w: mx.array) -> mx.array:
     return q.reshape(R * FP8_BLOCK, C * FP8_BLOCK)[:out, :inp]
 
 
-def _over_file_rows(w: mx.array) -> mx.array:
-    """fp8_block_fake of wo_a [G, R, in] (attention.GroupedLinear) over the rows the file holds, [G R, in]."""
-    return fp8_block_fake(w.reshape(-1, w.shape[-1])).reshape(w.shape)
+def _in_file_shape(rule, name: str):
+    """`rule` applied to the model tensor `name` in the shape its one file tensor has (load.official_items: wo_a's
+    [G R, in] for the model's [G, R, in], so its FP8 blocks are the file's)."""
+    return lambda w: rule(official_items(name, w)[0][1]).reshape(w.shape)
 
 
 def fp4_fake(w: mx.array) -> mx.array:
@@ -148,8 +149,8 @@ def storage_rounding(hf_config: dict) -> dict[str, callable]:
         if name.endswith(".scale"):
             continue
         rule = {"F8_E4M3": fp8_block_fake, "I8": fp4_fake, "BF16": bf16_fake}.get(dt)
-        if rule is fp8_block_fake and name.endswith(".attn.wo_a.weight"):  # the file's blocks: of [G R, in]
-            rule = _over_file_rows
+        if rule is not None and model_name(name) == name:
+            rule = _in_file_shape(rule, name)
         name = model_name(name)  # experts stacked, a compressor's pair fused: one storage format each
         if rules.get(name, rule) is not rule:
             raise ValueError(f"{name}: its official tensors are stored in different formats")
